@@ -151,6 +151,7 @@ def load_splits(dataset: str, root: str = "data", download: bool = False, seed: 
     `seed` only shapes the split of your own folder when it has no split.json; `image_size` only
     the synthetic images.
     """
+    dataset = str(dataset)
     if dataset == "synthetic":
         return _synthetic_splits(image_size)
     if dataset.lower() in DATASETS:
@@ -182,9 +183,9 @@ def _folder_splits(folder, seed):
     split_path = folder / "split.json"
     if split_path.is_file():
         parts = read_split_file(split_path, image_dir=folder)
+        _check_images_exist(parts, split_path)
     else:
         parts = _stratified_split(folder, seed)
-    _check_images_exist(parts, split_path if split_path.is_file() else folder)
     return Splits(**parts, classnames=_classnames(sum(parts.values(), [])),
                   name=folder.resolve().name)
 
