@@ -263,6 +263,7 @@ def _tiny_vit_name():
     if not timm.is_model(name):
         def vit_medvl_tiny_patch8_32(pretrained=False, **kw):
             arch = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2, mlp_ratio=2.0)
+            kw["pretrained_cfg"] = kw.get("pretrained_cfg") or {"architecture": name}  # no weights: no warning
             return _create_vision_transformer(name, pretrained=pretrained, **dict(arch, **kw))
         vit_medvl_tiny_patch8_32.__module__ = "timm.models.vision_transformer"
         register_model(vit_medvl_tiny_patch8_32)
