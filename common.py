@@ -288,7 +288,10 @@ def _build_random(name):
                     num_attention_heads=12 if full else 2, intermediate_size=3072 if full else 128,
                     hidden_act="gelu", max_position_embeddings=512 if full else 128, type_vocab_size=2,
                     layer_norm_eps=1e-12, pad_token_id=0, hidden_dropout_prob=0.1,
-                    attention_probs_dropout_prob=0.1, initializer_range=0.02)
+                    attention_probs_dropout_prob=0.1,
+                    # BERT's 0.02 leaves a tiny random tower blind to its input (every text gives
+                    # the same feature); a wider init makes tiny's text features differ
+                    initializer_range=0.02 if full else 0.3)
         Path(tmp, "config.json").write_text(json.dumps(bert))
         Path(tmp, "vocab.txt").write_text("\n".join(vocab) + "\n")
         Path(tmp, "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))

@@ -1,0 +1,458 @@
+"""BioMedVR: Confusion-Aware Mixture-of-Prompt Experts for Biomedical Visual Reprogramming.
+
+Jiaxiang Liu et al., arXiv 2606.24740 (https://arxiv.org/abs/2606.24740); official code
+github.com/JXLiu-AI/BioMedVR (`experiments/biomedvr.py`), a fork of AttrVR (Cai et al., ICLR 2025).
+
+Idea: the frozen vision-language model is left alone; two learnable pixel frames around the image
+(visual reprogramming programs) make two "experts". The positive expert delta+ is scored against
+descriptive and distinctive class attributes, the negative expert delta- against LLM-written
+confusion-aware attributes ("looks like X but is Y"). A learned softmax gate mixes the two, and a
+margin loss keeps the strongest confusion score below the true class's positive score.
+
+Symbols: B batch, C classes, S backbone input size, w frame width (S - 2w: the image inside it),
+m attributes per class, k top-k, E joint embedding width.
+
+Equation map:
+    padding VR program x + sigmoid(delta) * M, then normalise  -> `BioMedVR.reprogram`
+    attribute banks Des, Dist, Conf (m, C, E), seeded sampling  -> `sample_attributes`, `attribute_banks`
+    k-nearest attribute score  s_c = mean top-k 100*cos(z, a)    -> `topk_score`
+    experts  s+ = (s_Des + s_Dist) / 2 on delta+, s- = s_Conf on delta-  -> `BioMedVR.forward`
+    gate  g = softmax(w), logits = g+ s+ + g- s-                -> `BioMedVR.forward`
+    L = CE(logits, y) + beta * L_CS                              -> `cross_entropy_loss`,
+        L_CS = mean_i relu(max_c s-_ic - anchor_iy + margin)        `confusion_suppression_loss`,
+                                                                    `compute_losses`
+
+Deviations from the paper / official code:
+  * The reported number is the LAST epoch's test accuracy; the official code evaluates the test set
+    every epoch and reports the best (model selection on the test set). `--eval-every N` logs test
+    accuracy every N epochs and records `best_test_accuracy_test_selected`, labelled as such.
+  * Few-shot subsets follow the run seed (the official code reuses seed 0's subset for every seed).
+  * Default backbone BiomedCLIP; the paper's Table 1 used OpenAI CLIP ViT-B/16 (`--backbone clip`).
+    The logit scale is the backbone's own (100 for CLIP, as hard-coded officially).
+  * Attribute text is the project's own (`prompts/<dataset>.json`). With >= 20 descriptions per
+    class the m = 20 descriptive attributes are drawn without replacement; the released medical
+    files had 5 sentences per set, so all 20 were duplicates. Distinctive and confusion sets still
+    have fewer than 20 and are drawn with replacement, by the released rule. The sampling uses its
+    own `random.Random(seed)` instead of the global stream, so eval-only rebuilds the same banks.
+  * Both programs pass through the image tower as ONE batch of 2B images (same arithmetic).
+  * bf16 autocast on CUDA (`--precision bf16`) instead of fp16 autocast without a GradScaler;
+    the expert scores are always computed in fp32. fp32 is the default.
+  * The L_CS cap at 1000 in the official code is omitted (it never binds).
+  * The images are resized to S - 2w and zero-padded by the frame, as AttrVR; the official resize
+    to 192 is the same for S = 224, w = 16.
+"""
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+from common import UserError, arg
+import data
+
+ATTRIBUTE_SETS = ("descriptions", "distinctive", "confusions")  # Des, Dist, Conf
+# Fields that only steer this invocation; all the others must match when resuming.
+RUN_CONTROL = {"resume", "overwrite", "eval_only", "device", "out", "root", "download",
+               "benchmark", "stop_after_epoch", "eval_every"}
+
+
+@dataclass
+class Args:
+    dataset: str = arg("btmri", "benchmark name, your own folder, or synthetic")
+    root: str = arg("data", "folder holding the datasets")
+    download: bool = arg(False, "fetch the dataset from the Hugging Face hub if missing")
+    shots: int = arg(16, "K images per class (paper: 16; few-shot curves 4, 8)")
+    seed: int = arg(1, "seed of the few-shot subset, attribute sampling and training (official: 1)")
+    subsample: str = arg("all", "all: few-shot on every class; base: base-to-novel", ["all", "base"])
+    backbone: str = arg("biomedclip", "frozen backbone (paper Table 1: clip)")
+    frame: int = arg(16, "w: width of the learnable padding frame in pixels (official: 16)")
+    num_attr: int = arg(20, "m: attributes drawn per class and set (official: 20)")
+    topk: int = arg(3, "k: nearest attributes averaged per class (official: 3)")
+    min_chars: int = arg(20, "drop attribute sentences shorter than this (official: 20)")
+    gate_init: float = arg(1.0, "initial value of both gate logits w (official: (1, 1))")
+    beta: float = arg(0.3, "beta: weight of the confusion-suppression loss (official: 0.3)")
+    margin: float = arg(0.5, "margin of L_CS in logit units (official: 0.5)")
+    cs_anchor: str = arg("positive", "L_CS anchor: positive = s+_y (paper figure), "
+                         "fused = fused logit of y (official Table-1 script)", ["positive", "fused"])
+    epochs: int = arg(400, "training epochs (official: 400)")
+    batch_size: int = arg(None, "batch size; none = 64, or 16 at one shot (official)")
+    lr: float = arg(40.0, "SGD learning rate, cosine to 0 per iteration (official: 40)")
+    momentum: float = arg(0.9, "SGD momentum (official: 0.9; no weight decay)")
+    eval_every: int = arg(0, "also evaluate the test set every N epochs (0: only at the end); "
+                          "the best of these is reported as test-selected")
+    eval_only: str = arg("", "RUN_DIR: evaluate its checkpoint and print the metrics")
+    resume: bool = arg(False, "continue the run from its checkpoint")
+    overwrite: bool = arg(False, "replace a finished or unfinished run")
+    stop_after_epoch: int = arg(0, "testing: stop after this epoch, leaving only the checkpoint")
+    device: str = arg("auto", "auto, cpu or cuda")
+    precision: str = arg("fp32", "fp32, or bf16 autocast on CUDA", ["fp32", "bf16"])
+    benchmark: bool = arg(False, "time a training step against the bare image tower and exit")
+    out: str = arg("runs", "folder for run folders")
+    workers: int = arg(4, "data loader worker processes")
+
+
+# --------------------------------------------------------------------------- text side
+def sample_attributes(sentences, m: int, rng: random.Random, min_chars: int = 20):
+    """AttrVR's rule: drop short sentences, then exactly m, without replacement when there are
+    more than m, otherwise with replacement."""
+    kept = [s.strip() for s in sentences if len(s.strip()) >= min_chars]
+    if not kept:
+        raise UserError(f"no attribute sentence has at least {min_chars} characters; "
+                        f"write longer ones or lower --min-chars")
+    return rng.sample(kept, m) if len(kept) > m else rng.choices(kept, k=m)
+
+
+@torch.no_grad()
+def attribute_banks(backbone, class_text, classnames, args):
+    """Des, Dist, Conf as normalised frozen text features, each (m, C, E); encoded once."""
+    rng = random.Random(args.seed)
+    drawn = {field: [sample_attributes(class_text["classes"][c][field], args.num_attr, rng, args.min_chars)
+                     for c in classnames] for field in ATTRIBUTE_SETS}
+    unique = list(dict.fromkeys(s for per_class in drawn.values() for group in per_class for s in group))
+    feats = common.encode_sentences(backbone, unique)  # (n_unique, E), each sentence once
+    index = {s: i for i, s in enumerate(unique)}
+    return {field: feats[torch.tensor([[index[s] for s in group] for group in per_class])].transpose(0, 1)
+            for field, per_class in drawn.items()}  # (C, m, E) -> (m, C, E)
+
+
+def topk_score(z, bank, logit_scale: float, k: int):
+    """k-nearest attribute score: mean of the k highest logit_scale * cos(z, a) over a class's
+    m attributes. z (B, E) and bank (m, C, E) normalised -> (B, C)."""
+    sims = logit_scale * torch.einsum("be,mce->bmc", z, bank)  # (B, m, C)
+    return sims.topk(k, dim=1).values.mean(dim=1)  # (B, C)
+
+
+# --------------------------------------------------------------------------- the model
+class BioMedVR(nn.Module):
+    """Two padding programs, the frozen attribute banks, the gate. The frozen image tower is
+    passed in as a function and is not part of this module's state."""
+
+    def __init__(self, image_size, frame, mean, std, banks, logit_scale, topk, gate_init=1.0,
+                 image_tower=None):
+        super().__init__()
+        S = image_size
+        self.frame, self.logit_scale, self.topk, self.image_tower = frame, logit_scale, topk, image_tower
+        self.delta_plus = nn.Parameter(torch.zeros(3, S, S))   # positive expert's program
+        self.delta_minus = nn.Parameter(torch.zeros(3, S, S))  # negative expert's program
+        self.gate = nn.Parameter(torch.full((2,), float(gate_init)))  # w: logits of (g+, g-)
+        mask = torch.ones(1, S, S)
+        mask[:, frame:S - frame, frame:S - frame] = 0  # M: 1 on the frame, 0 on the image
+        self.register_buffer("mask", mask)
+        self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(3, 1, 1))
+        self.set_attributes(banks)
+
+    def set_attributes(self, banks):
+        """Swap the attribute banks (m, C, E), e.g. for the novel classes."""
+        for field in ATTRIBUTE_SETS:
+            self.register_buffer(field, banks[field].to(self.mask.device))
+
+    def reprogram(self, images):
+        """Padding VR: (B, 3, S-2w, S-2w) in [0, 1] -> (2B, 3, S, S) normalised, delta+ then delta-."""
+        w = self.frame
+        x = F.pad(images, (w, w, w, w))  # (B, 3, S, S), zero frame
+        programs = torch.stack([self.delta_plus, self.delta_minus]).sigmoid() * self.mask  # (2, 3, S, S)
+        x = (x.unsqueeze(0) + programs.unsqueeze(1)).flatten(0, 1)  # (2, B, 3, S, S) -> (2B, 3, S, S)
+        return (x - self.mean) / self.std
+
+    def forward(self, images):
+        B = images.shape[0]
+        z = self.image_tower(self.reprogram(images))  # (2B, E): one pass for both experts
+        with torch.autocast(z.device.type, enabled=False):  # scores in fp32 under bf16 autocast
+            z = F.normalize(z.float(), dim=-1)
+            z_plus, z_minus = z[:B], z[B:]  # (B, E) each
+            s_plus = 0.5 * (topk_score(z_plus, self.descriptions, self.logit_scale, self.topk)
+                            + topk_score(z_plus, self.distinctive, self.logit_scale, self.topk))  # (B, C)
+            s_minus = topk_score(z_minus, self.confusions, self.logit_scale, self.topk)  # (B, C)
+            g = self.gate.softmax(0)  # (g+, g-)
+            logits = g[0] * s_plus + g[1] * s_minus  # (B, C)
+        return {"logits": logits, "s_plus": s_plus, "s_minus": s_minus, "gate": g}
+
+
+def build_model(backbone, class_text, classnames, args, device):
+    S = backbone.image_size
+    if not 0 < 2 * args.frame < S:
+        raise UserError(f"--frame {args.frame} does not fit a {S}-pixel input: use 1..{(S - 1) // 2}")
+    if not 0 < args.topk <= args.num_attr:
+        raise UserError(f"--topk {args.topk} must be between 1 and --num-attr {args.num_attr}")
+    banks = attribute_banks(backbone, class_text, classnames, args)
+    return BioMedVR(S, args.frame, backbone.mean, backbone.std, banks, backbone.logit_scale, args.topk,
+                    args.gate_init, image_tower=backbone.encode_image).to(device)
+
+
+# --------------------------------------------------------------------------- losses
+def cross_entropy_loss(logits, labels):
+    # CE(fused logits, y)
+    return F.cross_entropy(logits, labels)
+
+
+def confusion_suppression_loss(s_minus, anchor_scores, labels, margin: float):
+    # L_CS = mean_i relu(max_c s-_{i,c} - anchor_{i,y_i} + margin); the max runs over all classes
+    anchor = anchor_scores.gather(1, labels[:, None]).squeeze(1)  # (B,)
+    return F.relu(s_minus.max(dim=1).values - anchor + margin).mean()
+
+
+def compute_losses(model, images, labels, args):
+    out = model(images)
+    anchor = out["s_plus"] if args.cs_anchor == "positive" else out["logits"]
+    ce = cross_entropy_loss(out["logits"], labels)
+    cs = confusion_suppression_loss(out["s_minus"], anchor, labels, args.margin)
+    loss = ce + args.beta * cs
+    return {"loss": loss, "ce": ce, "cs": cs, "logits": out["logits"]}
+
+
+# =========================================================================== plumbing
+def trainable_state(model):
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
+
+
+def load_trainable(model, state):
+    own = dict(model.named_parameters())
+    if set(state) != set(own):
+        raise UserError(f"checkpoint holds {sorted(state)}, this model learns {sorted(own)}: not a BioMedVR run")
+    with torch.no_grad():
+        for name, p in own.items():
+            p.copy_(state[name])
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, args, device, bar):
+    totals = {"ce": 0.0, "cs": 0.0, "correct": 0, "n": 0}
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with common.autocast(args.precision, device):
+            out = compute_losses(model, images, labels, args)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+        scheduler.step()
+        n = len(labels)
+        totals["ce"] += out["ce"].item() * n
+        totals["cs"] += out["cs"].item() * n
+        totals["correct"] += (out["logits"].argmax(-1) == labels).sum().item()
+        totals["n"] += n
+        bar.update(1)
+        bar.set_postfix(ce=f"{out['ce'].item():.3f}", cs=f"{out['cs'].item():.3f}")
+    n = max(totals["n"], 1)
+    return {"ce": totals["ce"] / n, "cs": totals["cs"] / n, "train_accuracy": 100 * totals["correct"] / n}
+
+
+@torch.no_grad()
+def evaluate(model, loader, args, device):
+    logits, labels = [], []
+    for images, y in loader:
+        with common.autocast(args.precision, device):
+            logits.append(model(images.to(device))["logits"].float().cpu())
+        labels.append(y)
+    return common.classification_metrics(torch.cat(logits), torch.cat(labels), model.descriptions.shape[1])
+
+
+def load_data(args, S):
+    """Training split and evaluation sets {name: Splits}; images of size S - 2w, unnormalised."""
+    inner = S - 2 * args.frame
+    full = data.load_splits(args.dataset, args.root, args.download, args.seed, image_size=inner)
+    train = data.subsample_classes(data.few_shot_splits(full, args.shots, args.seed), args.subsample)
+    if args.subsample == "base":
+        evals = {"base": train, "novel": data.subsample_classes(full, "novel")}
+    else:
+        evals = {"test": train}
+    return train, evals
+
+
+def batch_size(args):
+    return args.batch_size or (16 if args.shots == 1 else 64)
+
+
+def make_eval_loaders(evals, S, args):
+    transform = data.build_transform(S - 2 * args.frame)
+    return {name: data.make_loader(data.ImageDataset(s.test, transform), batch_size(args), False, args.seed,
+                                   args.workers) for name, s in evals.items()}
+
+
+def final_metrics(model, backbone, evals, loaders, args, device):
+    """{"test": ...} or {"base", "novel", "harmonic_mean"}, plus the learned gate (g+, g-)."""
+    gate = model.gate.detach().softmax(0).tolist()
+    if args.subsample != "base":
+        return {"test": evaluate(model, loaders["test"], args, device), "gate": gate}
+    metrics = {"base": evaluate(model, loaders["base"], args, device)}
+    class_text = data.load_class_text(args.dataset, evals["novel"].classnames, args.root)
+    model.set_attributes(attribute_banks(backbone, class_text, evals["novel"].classnames, args))
+    metrics["novel"] = evaluate(model, loaders["novel"], args, device)
+    metrics["harmonic_mean"] = common.harmonic_mean(metrics["base"]["accuracy"], metrics["novel"]["accuracy"])
+    metrics["gate"] = gate
+    return metrics
+
+
+def setup(args, device):
+    backbone = common.load_backbone(args.backbone, device)
+    S = backbone.image_size
+    train, evals = load_data(args, S)
+    class_text = data.load_class_text(args.dataset, train.classnames, args.root)
+    model = build_model(backbone, class_text, train.classnames, args, device)
+    return backbone, model, train, evals
+
+
+def main(args):
+    if args.benchmark:
+        return benchmark(args)
+    if args.eval_only:
+        return eval_only(args)
+    start = time.perf_counter()
+    if args.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, not {args.epochs}")
+    device = common.resolve_device(args.device)
+    folder = common.prepare_run_dir(common.run_dir(args.out, "biomedvr", args.dataset, args.shots, args.seed,
+                                                   args.subsample), args.overwrite, args.resume)
+    ckpt = None
+    if args.resume:
+        ckpt = common.load_checkpoint(folder)  # a missing checkpoint is an error, not a fresh start
+        changed = [f.name for f in fields(Args) if f.name not in RUN_CONTROL
+                   and ckpt["args"].get(f.name) != getattr(args, f.name)]
+        if changed:
+            raise UserError(f"--resume with different settings ({', '.join(changed)}) than {folder}; "
+                            f"use the run's settings or --overwrite")
+    common.seed_everything(args.seed)
+    backbone, model, train, evals = setup(args, device)
+    S = backbone.image_size
+    train_set = data.ImageDataset(train.train, data.build_transform(S - 2 * args.frame, train=True, hflip=True))
+    loader = data.make_loader(train_set, batch_size(args), True, args.seed, args.workers)
+    eval_loaders = make_eval_loaders(evals, S, args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * len(loader), eta_min=0.0)
+    print("trainable:", ", ".join(f"{n} {tuple(p.shape)}" for n, p in model.named_parameters()),
+          f"= {sum(p.numel() for p in params):,} parameters;",
+          f"{len(train.train)} training images, {len(train.classnames)} classes, {len(loader)} steps/epoch")
+
+    first_epoch, history = 1, []
+    if ckpt is not None:
+        load_trainable(model, ckpt["trainable"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        common.set_rng_state(ckpt["rng"])
+        loader.generator.set_state(ckpt["loader_generator"])
+        first_epoch, history = ckpt["epoch"] + 1, ckpt.get("history", [])
+        print(f"resuming {folder} after epoch {ckpt['epoch']}")
+    setup_s, train_start = time.perf_counter() - start, time.perf_counter()
+    last = min(args.stop_after_epoch or args.epochs, args.epochs)
+    bar = tqdm(total=(last - first_epoch + 1) * len(loader), desc="biomedvr", leave=False,
+               disable=None)
+    for epoch in range(first_epoch, last + 1):
+        t0 = time.perf_counter()
+        model.train()
+        stats = train_one_epoch(model, loader, optimizer, scheduler, args, device, bar)
+        gate = model.gate.detach().softmax(0).tolist()
+        line = (f"epoch {epoch}/{args.epochs} ce {stats['ce']:.4f} cs {stats['cs']:.4f} "
+                f"train_acc {stats['train_accuracy']:.2f} lr {scheduler.get_last_lr()[0]:.4g} "
+                f"gate {gate[0]:.3f}/{gate[1]:.3f} time {time.perf_counter() - t0:.1f}s")
+        if args.eval_every and epoch % args.eval_every == 0 and epoch < args.epochs:
+            model.eval()
+            accuracy = evaluate(model, eval_loaders[next(iter(eval_loaders))], args, device)["accuracy"]
+            history.append({"epoch": epoch, "test_accuracy": accuracy})
+            line += f" test_acc {accuracy:.2f}"
+        tqdm.write(line)
+        common.save_checkpoint(folder / "checkpoint.pt", {
+            "trainable": trainable_state(model), "args": asdict(args), "epoch": epoch,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": common.rng_state(), "loader_generator": loader.generator.get_state(), "history": history})
+    bar.close()
+    if last < args.epochs:
+        print(f"stopped after epoch {last} as asked; continue with --resume")
+        return None
+
+    train_s, eval_start = time.perf_counter() - train_start, time.perf_counter()
+    model.eval()
+    metrics = final_metrics(model, backbone, evals, eval_loaders, args, device)
+    if args.eval_every:
+        history.append({"epoch": args.epochs, "test_accuracy": metrics.get("test", metrics.get("base"))["accuracy"]})
+        best = max(history, key=lambda h: h["test_accuracy"])
+        metrics["best_test_accuracy_test_selected"] = {"accuracy": best["test_accuracy"], "epoch": best["epoch"]}
+    timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": time.perf_counter() - eval_start}
+    common.write_metrics(folder, args, metrics, timings, {
+        "trainable_parameters": sum(p.numel() for p in params), "eval_history": history})
+    print(summary_line(metrics), f"-> {folder / 'metrics.json'}")
+    return metrics
+
+
+def summary_line(metrics):
+    keys = [k for k in ("test", "base", "novel") if k in metrics]
+    text = " ".join(f"{k} acc {metrics[k]['accuracy']:.2f} f1 {metrics[k]['macro_f1']:.2f} "
+                    f"ece {metrics[k]['ece']:.2f}" for k in keys)
+    if "harmonic_mean" in metrics:
+        text += f" HM {metrics['harmonic_mean']:.2f}"
+    return text + f" gate {metrics['gate'][0]:.3f}/{metrics['gate'][1]:.3f}"
+
+
+def eval_only(args):
+    """Rebuild the run from its checkpoint's arguments (the same seed gives the same attribute
+    banks and test set), evaluate, print; nothing is written."""
+    ckpt = common.load_checkpoint(args.eval_only)
+    saved = {k: v for k, v in ckpt["args"].items() if k in {f.name for f in fields(Args)}}
+    here = {k: getattr(args, k) for k in ("root", "download", "device", "precision", "workers")}
+    run_args = Args(**{**saved, **here, "eval_only": "", "resume": False})
+    device = common.resolve_device(run_args.device)
+    common.seed_everything(run_args.seed)
+    backbone, model, _, evals = setup(run_args, device)
+    load_trainable(model, ckpt["trainable"])
+    if ckpt["epoch"] < run_args.epochs:
+        print(f"note: the checkpoint is from epoch {ckpt['epoch']} of {run_args.epochs}")
+    model.eval()
+    loaders = make_eval_loaders(evals, backbone.image_size, run_args)
+    metrics = final_metrics(model, backbone, evals, loaders, run_args, device)
+    print(summary_line(metrics))
+    return metrics
+
+
+def benchmark(args):
+    """One training step on a batch (default 4) against the floor: the bare frozen image tower's
+    forward and backward to the input on the 2B reprogrammed images; then evaluation throughput
+    against two bare no-grad forward passes. Random attribute banks: the text side is precomputed."""
+    device = common.resolve_device(args.device)
+    common.seed_everything(args.seed)
+    backbone = common.load_backbone(args.backbone, device)
+    S, B, C = backbone.image_size, args.batch_size or 4, 4
+    banks = {f: F.normalize(torch.randn(args.num_attr, C, backbone.embed_dim, device=device), dim=-1)
+             for f in ATTRIBUTE_SETS}
+    model = BioMedVR(S, args.frame, backbone.mean, backbone.std, banks, backbone.logit_scale, args.topk,
+                     args.gate_init, image_tower=backbone.encode_image).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    images = torch.rand(B, 3, S - 2 * args.frame, S - 2 * args.frame, device=device)
+    labels = torch.randint(0, C, (B,), device=device)
+    floor_input = torch.rand(2 * B, 3, S, S, device=device, requires_grad=True)
+
+    def step():
+        with common.autocast(args.precision, device):
+            loss = compute_losses(model, images, labels, args)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def floor():
+        with common.autocast(args.precision, device):
+            z = backbone.encode_image(floor_input)
+        z.float().sum().backward()
+        floor_input.grad = None
+
+    def infer():
+        with torch.no_grad(), common.autocast(args.precision, device):
+            model(images)
+
+    def infer_floor():
+        with torch.no_grad(), common.autocast(args.precision, device):
+            backbone.encode_image(floor_input)
+
+    reps = dict(warmup=1, reps=3) if device.type == "cpu" else dict(warmup=3, reps=10)
+    eval_ms = common.time_ms(infer, device, **reps)
+    eval_floor_ms = common.time_ms(infer_floor, device, **reps)
+    return common.benchmark_report(step, floor, device, {
+        "batch": B, "backbone": args.backbone, "precision": args.precision,
+        "trainable_parameters": sum(p.numel() for p in model.parameters()),
+        "eval_images_per_s": round(1000 * B / eval_ms, 2),
+        "eval_floor_images_per_s": round(1000 * B / eval_floor_ms, 2)}, **reps)
+
+
+if __name__ == "__main__":
+    common.run_cli(main, Args, __doc__.split("\n\n")[0])

@@ -1,0 +1,278 @@
+"""biomedvr.py: the padding programs, the attribute banks and their sampling rule, the expert
+scores and both confusion-suppression anchors against hand-computed values, what a training
+step touches (and what it must not), learning, determinism, exact resume, and the CLI."""
+import json
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import biomedvr as bv
+import common
+import data
+from common import UserError
+
+FAST = dict(dataset="synthetic", backbone="tiny-clip", frame=4, shots=4, epochs=3, lr=5.0,
+            batch_size=8, workers=0)  # tiny backbones take 32-pixel images: a 4-pixel frame
+
+
+def small_banks(m=4, C=3, E=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {f: F.normalize(torch.randn(m, C, E, generator=g), dim=-1) for f in bv.ATTRIBUTE_SETS}
+
+
+def tiny_model(backbones, name, seed=1, classnames=None):
+    bb = backbones(name)
+    classnames = classnames or list(data.SYNTHETIC_LOOKS)
+    args = bv.Args(**{**FAST, "backbone": name, "seed": seed})
+    text = data.load_class_text("synthetic", classnames)
+    return bb, args, bv.build_model(bb, text, classnames, args, "cpu")
+
+
+# ------------------------------------------------------------------ programs
+def test_program_changes_only_the_frame():
+    S, w = 20, 3
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    model = bv.BioMedVR(S, w, mean, std, small_banks(), 10.0, 2)
+    with torch.no_grad():
+        model.delta_plus.normal_()
+        model.delta_minus.normal_()
+    x = torch.rand(2, 3, S - 2 * w, S - 2 * w)
+    out = model.reprogram(x)  # (2B, 3, S, S)
+    m, s = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    assert out.shape == (4, 3, S, S)
+    for half, delta in ((out[:2], model.delta_plus), (out[2:], model.delta_minus)):
+        assert torch.allclose(half[:, :, w:S - w, w:S - w], (x - m) / s, atol=1e-6)  # centre untouched
+        frame = half * s + m  # back to pixels: the frame is sigmoid(delta) exactly
+        assert torch.allclose(frame[:, :, :w], delta.sigmoid()[:, :w].expand(2, -1, -1, -1), atol=1e-6)
+        assert torch.allclose(frame[:, :, :, -w:], delta.sigmoid()[:, :, -w:].expand(2, -1, -1, -1), atol=1e-6)
+    # only the frame entries get gradient
+    out.sum().backward()
+    assert model.delta_plus.grad[:, w:S - w, w:S - w].abs().max() == 0
+    assert (model.delta_plus.grad[:, :w] != 0).all() and (model.delta_minus.grad[:, :, :w] != 0).all()
+
+
+def test_parameter_count_is_301058_at_224():
+    S = 224
+    model = bv.BioMedVR(S, 16, common.OPENAI_MEAN, common.OPENAI_STD, small_banks(m=3, C=2, E=4), 100.0, 3)
+    names = {n: p.numel() for n, p in model.named_parameters()}
+    assert set(names) == {"delta_plus", "delta_minus", "gate"}
+    assert sum(names.values()) == 2 * 3 * S * S + 2 == 301_058
+    assert int(model.mask.sum()) * 3 == 3 * (224 ** 2 - 192 ** 2) == 39_936  # effective per program
+    assert model.gate.softmax(0).tolist() == [0.5, 0.5]  # logits (1, 1)
+
+
+# ------------------------------------------------------------------ text side
+def test_attribute_sampling_rule_and_seed():
+    long = [f"sentence number {i:02d} is long enough" for i in range(25)]
+    short = ["too short", "tiny"]
+    got = bv.sample_attributes(long + short, 20, random.Random(1))
+    assert len(got) == 20 and len(set(got)) == 20 and not set(got) & set(short)  # without replacement
+    few = bv.sample_attributes(long[:5] + short, 20, random.Random(1))
+    assert len(few) == 20 and set(few) == set(long[:5])  # with replacement, short ones dropped
+    assert few == bv.sample_attributes(long[:5] + short, 20, random.Random(1))
+    rng = random.Random(1)  # exactly the released rule: random.sample / random.choices
+    assert got == rng.sample(long, 20)
+    with pytest.raises(UserError, match="at least 20 characters"):
+        bv.sample_attributes(short, 20, random.Random(1))
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-clip"])
+def test_attribute_banks_are_frozen_buffers_reproducible_from_the_seed(backbones, name):
+    bb, args, model = tiny_model(backbones, name)
+    C = len(data.SYNTHETIC_LOOKS)
+    for field in bv.ATTRIBUTE_SETS:
+        bank = getattr(model, field)
+        assert bank.shape == (args.num_attr, C, bb.embed_dim) and not bank.requires_grad
+        assert torch.allclose(bank.norm(dim=-1), torch.ones(args.num_attr, C), atol=1e-5)
+        assert field in dict(model.named_buffers())
+    _, _, again = tiny_model(backbones, name)
+    assert all(torch.equal(getattr(model, f), getattr(again, f)) for f in bv.ATTRIBUTE_SETS)
+    # the bank holds the features of the sentences drawn by the seeded rule, class by class
+    text = data.load_class_text("synthetic", list(data.SYNTHETIC_LOOKS))
+    rng = random.Random(args.seed)
+    drawn = [bv.sample_attributes(text["classes"][c]["descriptions"], args.num_attr, rng)
+             for c in data.SYNTHETIC_LOOKS]
+    expect = common.encode_sentences(bb, drawn[2])  # (m, E) of class 2
+    assert torch.allclose(model.descriptions[:, 2], expect, atol=1e-5)
+
+
+# ------------------------------------------------------------------ scores and losses
+def test_topk_score_hand_computed():
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # (B=2, E=2)
+    cos = torch.tensor([0.9, 0.1, -0.5, 0.6])  # 4 attributes of class 0 against z[0]
+    bank = torch.zeros(4, 2, 2)  # (m=4, C=2, E=2)
+    bank[:, 0, 0], bank[:, 0, 1] = cos, (1 - cos ** 2).sqrt()
+    bank[:, 1, 1] = 1.0  # class 1: all attributes along the second axis
+    s = bv.topk_score(z, bank, logit_scale=10.0, k=2)  # (B, C)
+    assert torch.allclose(s[0], torch.tensor([10 * (0.9 + 0.6) / 2, 0.0]), atol=1e-5)
+    second = (1 - cos ** 2).sqrt().sort(descending=True).values[:2].mean() * 10
+    assert torch.allclose(s[1], torch.stack([second, torch.tensor(10.0)]), atol=1e-5)
+
+
+def test_confusion_suppression_loss_hand_computed_with_both_anchors():
+    s_minus = torch.tensor([[1.0, 3.0, 0.0], [2.0, 0.0, 0.5]])
+    s_plus = torch.tensor([[0.0, 2.0, 1.0], [5.0, 0.0, 0.0]])
+    labels = torch.tensor([1, 0])
+    # row 0: relu(3 - 2 + 0.5) = 1.5; row 1: relu(2 - 5 + 0.5) = 0
+    loss = bv.confusion_suppression_loss(s_minus, s_plus, labels, margin=0.5)
+    assert loss.item() == pytest.approx(0.75)
+
+    class Fixed(torch.nn.Module):  # a model whose outputs we choose
+        def forward(self, images):
+            g = torch.tensor([0.25, 0.75])
+            return {"s_plus": s_plus, "s_minus": s_minus, "gate": g, "logits": g[0] * s_plus + g[1] * s_minus}
+
+    args = bv.Args(beta=0.3, margin=0.5)
+    fused = 0.25 * s_plus + 0.75 * s_minus  # fused logit of y: row 0 2.75, row 1 2.75
+    ce = F.cross_entropy(fused, labels)
+    positive = bv.compute_losses(Fixed(), None, labels, replace(args, cs_anchor="positive"))
+    assert positive["cs"].item() == pytest.approx(0.75)
+    assert positive["loss"].item() == pytest.approx(ce.item() + 0.3 * 0.75)
+    # fused anchor: row 0 relu(3 - 2.75 + 0.5) = 0.75, row 1 relu(2 - 2.75 + 0.5) = 0
+    fused_out = bv.compute_losses(Fixed(), None, labels, replace(args, cs_anchor="fused"))
+    assert fused_out["cs"].item() == pytest.approx(0.375)
+    assert fused_out["loss"].item() == pytest.approx(ce.item() + 0.3 * 0.375)
+
+
+def test_fused_logits_are_the_gated_sum_of_the_experts(backbones):
+    bb, args, model = tiny_model(backbones, "tiny-clip")
+    with torch.no_grad():
+        model.gate.copy_(torch.tensor([0.3, -1.0]))
+    out = model(torch.rand(3, 3, 24, 24))
+    g = torch.tensor([0.3, -1.0]).softmax(0)
+    assert out["logits"].shape == (3, 4)
+    assert torch.allclose(out["logits"], g[0] * out["s_plus"] + g[1] * out["s_minus"], atol=1e-5)
+
+
+# ------------------------------------------------------------------ a training step
+@pytest.mark.parametrize("name", ["tiny", "tiny-clip"])
+def test_training_step_touches_only_programs_and_gate(backbones, name, monkeypatch):
+    bb, args, model = tiny_model(backbones, name)
+    before = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    params = dict(model.named_parameters())
+    start = {k: p.detach().clone() for k, p in params.items()}
+
+    def forbidden(*a, **k):
+        raise AssertionError("the text tower ran during a training step")
+    monkeypatch.setattr(bb, "encode_text", forbidden)
+    monkeypatch.setattr(bb.model, "encode_text", forbidden)
+    text_tower = bb.model.text if bb.kind == "timm-hf" else bb.model.transformer
+    calls = []
+    hooks = [text_tower.register_forward_pre_hook(lambda *a: forbidden()),
+             bb.model.visual.register_forward_hook(lambda mod, i, o: calls.append(i[0].shape[0]))]
+    try:
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=2)
+        batches = [(torch.rand(3, 3, 24, 24), torch.tensor([0, 1, 2])), (torch.rand(3, 3, 24, 24), torch.tensor([3, 2, 1]))]
+        stats = bv.train_one_epoch(model, batches, optimizer, scheduler, args, torch.device("cpu"), tqdm(disable=True))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [6, 6]  # one image-tower call per step, on both programs' 2B images
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
+    assert all(not torch.equal(start[k], params[k]) for k in params)  # delta+, delta-, gate all moved
+    assert all(p.grad is None and not p.requires_grad for p in bb.model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in bb.model.state_dict().items())
+    assert stats["ce"] > 0 and stats["cs"] >= 0
+
+
+# ------------------------------------------------------------------ end to end
+def run(tmp_path, **over):
+    return bv.main(bv.Args(**{**FAST, "out": str(tmp_path / "runs"), **over}))
+
+
+def test_training_raises_test_accuracy_well_above_chance(tmp_path, backbones):
+    args = bv.Args(**{**FAST, "shots": 16, "epochs": 30, "lr": 8.0, "batch_size": 32, "out": str(tmp_path)})
+    train, evals = bv.load_data(args, 32)
+    model = bv.build_model(backbones("tiny-clip"), data.load_class_text("synthetic", train.classnames),
+                           train.classnames, args, "cpu")
+    untrained = bv.evaluate(model, bv.make_eval_loaders(evals, 32, args)["test"], args, "cpu")["accuracy"]
+    trained = bv.main(args)["test"]["accuracy"]
+    assert untrained < 30 and trained > 45 and trained > untrained + 20  # 4 classes: chance is 25
+
+
+def test_same_seed_same_metrics_and_resume_is_exact(tmp_path):
+    full = run(tmp_path / "a")
+    again = run(tmp_path / "b")
+    assert again["test"] == full["test"] and again["gate"] == full["gate"]
+    assert run(tmp_path / "c", stop_after_epoch=2) is None
+    folder = common.run_dir(str(tmp_path / "c" / "runs"), "biomedvr", "synthetic", 4, 1)
+    assert not (folder / "metrics.json").exists() and common.load_checkpoint(folder)["epoch"] == 2
+    resumed = run(tmp_path / "c", resume=True)
+    assert resumed["test"] == full["test"] and resumed["gate"] == full["gate"]
+    a = common.load_checkpoint(common.run_dir(str(tmp_path / "a" / "runs"), "biomedvr", "synthetic", 4, 1))
+    c = common.load_checkpoint(folder)
+    assert a["epoch"] == c["epoch"] == 3
+    assert all(torch.equal(a["trainable"][k], c["trainable"][k]) for k in ("delta_plus", "delta_minus", "gate"))
+    other = run(tmp_path / "d", seed=2)
+    assert other["test"] != full["test"] or other["gate"] != full["gate"]
+
+
+def test_cli_writes_metrics_refuses_to_clobber_and_evaluates_only(tmp_path, capsys):
+    out = str(tmp_path / "runs")
+    argv = ["--dataset", "synthetic", "--backbone", "tiny", "--frame", "4", "--shots", "2", "--epochs", "2",
+            "--batch-size", "8", "--workers", "0", "--out", out, "--eval-every", "1"]
+    metrics = bv.main(common.parse_args(bv.Args, argv))
+    folder = common.run_dir(out, "biomedvr", "synthetic", 2, 1)
+    record = json.loads((folder / "metrics.json").read_text())
+    assert set(record["metrics"]) >= {"test", "gate", "best_test_accuracy_test_selected"}
+    assert record["metrics"]["test"]["n"] == 160 and len(record["metrics"]["gate"]) == 2
+    assert record["args"]["backbone"] == "tiny" and record["trainable_parameters"] == 2 * 3 * 32 * 32 + 2
+    ckpt = common.load_checkpoint(folder)
+    assert set(ckpt["trainable"]) == {"delta_plus", "delta_minus", "gate"}
+    assert {"optimizer", "scheduler", "rng", "loader_generator", "args", "epoch"} <= set(ckpt)
+    with pytest.raises(UserError, match="already holds a finished run"):
+        bv.main(common.parse_args(bv.Args, argv))
+    with pytest.raises(SystemExit) as exit_:
+        common.run_cli(bv.main, bv.Args, argv=argv)
+    assert exit_.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    listing = sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir())
+    evaluated = bv.main(common.parse_args(bv.Args, ["--eval-only", str(folder), "--workers", "0"]))
+    assert evaluated["test"] == metrics["test"] and evaluated["gate"] == metrics["gate"]
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()) == listing  # wrote nothing
+
+
+def test_user_errors(tmp_path):
+    with pytest.raises(UserError, match="no checkpoint"):
+        run(tmp_path, resume=True)
+    run(tmp_path, epochs=2, stop_after_epoch=1)
+    with pytest.raises(UserError, match="different settings .*beta"):
+        run(tmp_path, epochs=2, beta=0.1, resume=True)
+    with pytest.raises(UserError, match="unfinished run"):
+        run(tmp_path, epochs=2)
+    with pytest.raises(UserError, match="--frame 16 does not fit"):
+        run(tmp_path, frame=16, overwrite=True)
+    with pytest.raises(UserError, match="--topk"):
+        run(tmp_path, topk=30, overwrite=True)
+
+
+def test_base_to_novel_reports_base_novel_and_true_harmonic_mean(tmp_path):
+    metrics = run(tmp_path, subsample="base", epochs=1)
+    assert metrics["base"]["n"] == metrics["novel"]["n"] == 80  # 2 + 2 classes of 40 test images
+    assert len(metrics["base"]["confusion_matrix"]) == len(metrics["novel"]["confusion_matrix"]) == 2
+    assert metrics["harmonic_mean"] == pytest.approx(
+        common.harmonic_mean(metrics["base"]["accuracy"], metrics["novel"]["accuracy"]))
+    assert (tmp_path / "runs/biomedvr/synthetic/4shot_base2novel/seed1/metrics.json").is_file()
+
+
+def test_official_dataset_layout_runs_end_to_end(tmp_path):
+    root = tmp_path / "data"
+    images = root / "BTMRI" / "BTMRI"
+    split = {"train": [], "val": [], "test": []}
+    rng = random.Random(0)
+    for label, name in enumerate(data.CLASSNAMES["btmri"]):
+        (images / name).mkdir(parents=True)
+        for part, count in (("train", 3), ("val", 1), ("test", 2)):
+            for i in range(count):
+                rel = f"{name}/{part}_{i}.png"
+                Image.new("L", (40, 36), rng.randrange(256)).save(images / rel)
+                split[part].append([rel, label, name])
+    (root / "BTMRI" / "split_BTMRI.json").write_text(json.dumps(split))
+    metrics = run(tmp_path, dataset="btmri", root=str(root), shots=2, epochs=1)  # text: prompts/btmri.json
+    assert metrics["test"]["n"] == 8 and len(metrics["test"]["confusion_matrix"]) == 4
+    assert (tmp_path / "runs/biomedvr/btmri/2shot/seed1/metrics.json").is_file()

@@ -1,0 +1,107 @@
+"""run.sh and the README: the smoke jobs end to end, the sweeps' job lists, and every
+command the README shows being one the CLIs accept."""
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import biomedap
+import biomedvr
+import common
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = "btmri busi chmnist covid ctkidney dermamnist kneexray kvasir lungcolon octmnist retina".split()
+METHODS = {"biomedap.py": biomedap, "biomedvr.py": biomedvr}
+
+
+def run_sh(*args, env=None):
+    out = subprocess.run(["bash", str(REPO / "run.sh"), *args], capture_output=True, text=True,
+                         cwd=REPO, env={**os.environ, **(env or {})})
+    assert out.returncode == 0, out.stderr
+    return [line for line in out.stdout.splitlines() if line.strip()]
+
+
+def parse_job(line):
+    """A job line 'python METHOD.py FLAGS' -> (module, Args), parsed by the method's own CLI."""
+    argv = shlex.split(line)
+    assert argv[0] == "python" and argv[1] in METHODS, line
+    module = METHODS[argv[1]]
+    return module, common.parse_args(module.Args, argv[2:])
+
+
+def test_tables_dry_run_lists_exactly_the_published_runs():
+    jobs = [parse_job(line) for line in run_sh("tables", "biomedap", "--dry-run", env={"OUT": "/nonexistent"})]
+    few = {(a.dataset, a.shots, a.seed) for m, a in jobs if a.subsample == "all"}
+    b2n = {(a.dataset, a.shots, a.seed) for m, a in jobs if a.subsample == "base"}
+    assert few == {(d, k, s) for d in DATASETS for k in (1, 2, 4, 8, 16) for s in (1, 2, 3)}
+    assert b2n == {(d, 16, s) for d in DATASETS for s in (1, 2, 3)}
+    assert len(jobs) == 165 + 33 and all(m is biomedap for m, _ in jobs)
+    vr = [parse_job(line) for line in run_sh("tables", "biomedvr", "--dry-run", env={"OUT": "/nonexistent"})]
+    assert {(a.dataset, a.shots, a.seed, a.subsample) for _, a in vr} == \
+        {(d, 16, s, "all") for d in DATASETS for s in (1, 2, 3)}
+
+
+def test_sweep_skips_finished_runs_and_resumes_unfinished(tmp_path):
+    done = tmp_path / "biomedap" / "btmri" / "4shot" / "seed1"
+    common.atomic_write_json(done / "metrics.json", {"metrics": {"test": {"accuracy": 50.0}}})
+    half = tmp_path / "biomedap" / "btmri" / "4shot" / "seed2"
+    half.mkdir(parents=True)
+    (half / "checkpoint.pt").write_bytes(b"")
+    lines = run_sh("fewshot", "biomedap", "btmri", "4", "1 2 3", "--dry-run", env={"OUT": str(tmp_path)})
+    jobs = [parse_job(line)[1] for line in lines]
+    assert [(a.seed, a.resume) for a in jobs] == [(2, True), (3, False)]
+    # the official variant writes elsewhere, so nothing is skipped for it
+    lines = run_sh("fewshot", "biomedap", "btmri", "4", "1", "--dry-run", "--", "--variant", "official",
+                   env={"OUT": str(tmp_path)})
+    assert len(lines) == 1 and parse_job(lines[0])[1].variant == "official"
+    # robustness on a finished run without robustness numbers re-evaluates it
+    lines = run_sh("robustness", "biomedap", "btmri", "4", "1", "--dry-run", env={"OUT": str(tmp_path)})
+    args = parse_job(lines[0])[1]
+    assert args.eval_only == str(done) and args.robustness
+
+
+def test_smoke_jobs_end_to_end(tmp_path, monkeypatch):
+    """The jobs of `bash run.sh smoke`, run in this process (saving the imports), then the summary."""
+    lines = run_sh("smoke", "--dry-run", env={"OUT_SMOKE": str(tmp_path)})
+    assert len(lines) == 4
+    for line in lines:
+        module, args = parse_job(line)
+        assert args.dataset == "synthetic" and args.backbone in ("tiny", "tiny-clip")
+        args.workers = 0
+        module.main(args)
+    for backbone in ("tiny", "tiny-clip"):
+        text = common.summarize(tmp_path / backbone)
+        for method in ("biomedap", "biomedvr"):
+            match = re.search(rf"## {method}: few-shot.*?\| synthetic \| ([\d.]+) ± [\d.]+ \(1\) \|", text, re.S)
+            assert match, text
+            assert 0.0 <= float(match.group(1)) <= 100.0
+        assert (tmp_path / backbone / "summary.csv").is_file()
+
+
+def readme_commands():
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", text, re.S)
+    return [line.strip() for block in blocks for line in block.splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+
+
+@pytest.mark.parametrize("line", readme_commands())
+def test_every_readme_command_is_accepted(line):
+    argv = shlex.split(line.split(" #")[0].split(" | ")[0])
+    while argv and re.match(r"^[A-Z_]+=", argv[0]):   # leading VAR=value assignments
+        argv.pop(0)
+    if argv[0] == "python" and argv[1] in METHODS:
+        parse_job(shlex.join(argv))
+    elif argv[:2] == ["bash", "run.sh"]:
+        if argv[2] != "summarize":
+            jobs = run_sh("--dry-run", *[a for a in argv[2:] if a != "--dry-run"], env={"OUT": "/nonexistent"})
+            assert jobs
+            for job in jobs:
+                parse_job(job)
+    elif argv[:2] == ["python", "common.py"]:
+        assert argv[2] == "summarize"
+    else:
+        assert argv[0] in ("pip", "python", "python3", "hf", "sbatch", "cd", "git"), line
