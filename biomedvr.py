@@ -69,7 +69,8 @@ class Args:
     seed: int = arg(1, "seed of the few-shot subset, attribute sampling and training (official: 1)")
     subsample: str = arg("all", "all: few-shot on every class; base: base-to-novel", ["all", "base"])
     backbone: str = arg("biomedclip", "frozen backbone (paper Table 1: clip)")
-    frame: int = arg(16, "w: width of the learnable padding frame in pixels (official: 16)")
+    frame: int = arg(None, "w: width of the learnable padding frame in pixels; none = 16/224 of the "
+                      "input size (official: 16 at 224)")
     num_attr: int = arg(20, "m: attributes drawn per class and set (official: 20)")
     topk: int = arg(3, "k: nearest attributes averaged per class (official: 3)")
     min_chars: int = arg(20, "drop attribute sentences shorter than this (official: 20)")
@@ -173,14 +174,20 @@ class BioMedVR(nn.Module):
         return {"logits": logits, "s_plus": s_plus, "s_minus": s_minus, "gate": g}
 
 
+def frame_width(args, S):
+    """w: --frame, or the official 16 pixels scaled to the backbone's input size S."""
+    w = args.frame if args.frame is not None else max(1, round(16 * S / 224))
+    if not 0 < 2 * w < S:
+        raise UserError(f"--frame {w} does not fit a {S}-pixel input: use 1..{(S - 1) // 2}")
+    return w
+
+
 def build_model(backbone, class_text, classnames, args, device):
     S = backbone.image_size
-    if not 0 < 2 * args.frame < S:
-        raise UserError(f"--frame {args.frame} does not fit a {S}-pixel input: use 1..{(S - 1) // 2}")
     if not 0 < args.topk <= args.num_attr:
         raise UserError(f"--topk {args.topk} must be between 1 and --num-attr {args.num_attr}")
     banks = attribute_banks(backbone, class_text, classnames, args)
-    return BioMedVR(S, args.frame, backbone.mean, backbone.std, banks, backbone.logit_scale, args.topk,
+    return BioMedVR(S, frame_width(args, S), backbone.mean, backbone.std, banks, backbone.logit_scale, args.topk,
                     args.gate_init, image_tower=backbone.encode_image).to(device)
 
 
@@ -252,7 +259,7 @@ def evaluate(model, loader, args, device):
 
 def load_data(args, S):
     """Training split and evaluation sets {name: Splits}; images of size S - 2w, unnormalised."""
-    inner = S - 2 * args.frame
+    inner = S - 2 * frame_width(args, S)
     full = data.load_splits(args.dataset, args.root, args.download, args.seed, image_size=inner)
     train = data.subsample_classes(data.few_shot_splits(full, args.shots, args.seed), args.subsample)
     if args.subsample == "base":
@@ -267,7 +274,7 @@ def batch_size(args):
 
 
 def make_eval_loaders(evals, S, args):
-    transform = data.build_transform(S - 2 * args.frame)
+    transform = data.build_transform(S - 2 * frame_width(args, S))
     return {name: data.make_loader(data.ImageDataset(s.test, transform), batch_size(args), False, args.seed,
                                    args.workers) for name, s in evals.items()}
 
@@ -317,7 +324,7 @@ def main(args):
     common.seed_everything(args.seed)
     backbone, model, train, evals = setup(args, device)
     S = backbone.image_size
-    train_set = data.ImageDataset(train.train, data.build_transform(S - 2 * args.frame, train=True, hflip=True))
+    train_set = data.ImageDataset(train.train, data.build_transform(S - 2 * frame_width(args, S), train=True, hflip=True))
     loader = data.make_loader(train_set, batch_size(args), True, args.seed, args.workers)
     eval_loaders = make_eval_loaders(evals, S, args)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -416,10 +423,11 @@ def benchmark(args):
     S, B, C = backbone.image_size, args.batch_size or 4, 4
     banks = {f: F.normalize(torch.randn(args.num_attr, C, backbone.embed_dim, device=device), dim=-1)
              for f in ATTRIBUTE_SETS}
-    model = BioMedVR(S, args.frame, backbone.mean, backbone.std, banks, backbone.logit_scale, args.topk,
+    w = frame_width(args, S)
+    model = BioMedVR(S, w, backbone.mean, backbone.std, banks, backbone.logit_scale, args.topk,
                      args.gate_init, image_tower=backbone.encode_image).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-    images = torch.rand(B, 3, S - 2 * args.frame, S - 2 * args.frame, device=device)
+    images = torch.rand(B, 3, S - 2 * w, S - 2 * w, device=device)
     labels = torch.randint(0, C, (B,), device=device)
     floor_input = torch.rand(2 * B, 3, S, S, device=device, requires_grad=True)
 
