@@ -1,0 +1,683 @@
+"""BiomedAP: prompt learning with gated cross-modal fusion and dual anchors.
+
+Paper: Tong, Liu, Kuang, Chen, "BiomedAP: A Vision-Informed Dual-Anchor Framework with Gated
+Cross-Modal Fusion for Robust Medical Vision-Language Adaptation", CVPR 2026 Workshops,
+arXiv 2605.15736. Official code: github.com/tongdiedie/BiomedAP (f7137a5).
+
+Idea: learn a text context (CoOp-style, initialised from a clinical template) and visual prompt
+tokens for a frozen BiomedCLIP; at two mid/late image blocks a gated bidirectional cross-attention
+mixes the text context into the visual prompt tokens; the learned class prompts are pulled towards
+a "high" anchor (expert descriptions) and a "low" anchor (few-shot visual prototypes / "{class}").
+
+Symbols: B batch, C classes, M context tokens (n_ctx), P visual prompt tokens (4), N patches,
+D image width, Dt text width, Du fusion width max(D, Dt), E joint embedding width, K shots.
+
+Equation map (the paper's order):
+    learned text context, class token at the end  -> `PromptLearner`
+    visual prompts (overwrite zeros / deep VPT)    -> `BiomedAP.encode_image`
+    gated cross-modal fusion (spec 2.3)            -> `GatedFusion.forward`
+    inference context (mean / per class)           -> `BiomedAP.forward`
+    high and low anchors                           -> `high_anchor`, `low_anchor`
+    logits s f t^T and anchor logits s f h^T       -> `BiomedAP.forward`
+    L_ce, L_high, L_low, L_kl, L_align             -> `anchor_l1`, `anchor_kl`, `alignment_loss`
+    confidence-aware weight w = 1 + a H/log C      -> `confidence_weight`
+    L = L_ce + w (L_high + L_low + L_kl) + L_align -> `train_step`
+
+Prompt perturbations (`--robustness`): the learned context keeps positions 1..M; what follows it
+(the "fixed part") is replaced. A perturbed sentence whose first M tokens are the clinical
+template's first M tokens has them overwritten by the context exactly as in training, so
+"clinical" is the trained prompt and "descriptive" is the trained prompt followed by the class's
+first expert description. Any other sentence (generic "a photo of a {}.", article "a {}.",
+minimal "{}") follows the context whole: [start] ctx "a {class}." [end]; cutting its own first M
+tokens would cut into the class name (where the template is the generic one, as on synthetic,
+generic = clinical). "typo" perturbs about 20% of the non-space characters of
+the clean fixed part (the template after ctx_init, class name untouched; substitutions, seeded by
+the template): typos inside ctx_init would be invisible, those tokens are the learned context.
+Image features do not depend on the fixed part, so they are computed once and re-scored.
+
+Deviations (from the paper, the official code, or both):
+  1. `--variant official` keeps the released behaviour: fixed zero prompts overwrite patches 1..P
+     before every block, the fusion is fed those fresh zeros (so its tokens are image-independent),
+     "{class}" low anchor, plain sum, KL teacher not detached. `--variant paper` (default) follows
+     the text: learnable prompts inserted after CLS (1+P+N tokens, VPT's uniform init) and replaced
+     before each block; the fusion takes the prompt tokens' hidden states from the previous block
+     (at block 0 the learnable prompt), and blocks fed by the fusion own no prompt (it would be
+     unused); low anchor = few-shot visual prototypes; the confidence weight scales L_high, L_low
+     and L_kl (the three terms pulling towards an anchor); KL teacher detached (it is a target).
+  2. Frozen encoders always run in eval mode (official: BERT dropout active in training).
+  3. Zero prompts are a non-persistent buffer, without the official Dropout(0.5) (a no-op on zeros).
+  4. Class token at the end in both protocols (official base-to-novel drivers fell back to the
+     buggy `middle`); n_ctx from the per-dataset yaml in both.
+  5. Inference never takes labels (official hard-codes an 'oracle' that uses labels when given);
+     the default context is the mean over classes. With a class-shared context the label-indexed
+     training context, the mean and per-class coincide numerically; the paper's form is kept.
+  6. Anchors are computed once with the same frozen model (official loads a second BiomedCLIP);
+     they are training-only, so evaluation models (novel classes, perturbed prompts) carry none.
+  7. Prompts go through the text tower trimmed to their real length (identical under the mask).
+  8. Attention uses 8 heads, or the largest count <= 8 dividing Du; where D != Dt the narrower
+     stream gets Linear in/out projections (identity on BiomedCLIP, as in the official module).
+  9. Fusion blocks 5 and 8 are for a 12-block tower; other depths use round(i * depth / 12).
+ 10. Synthetic data and your own folders use the official global defaults (lambda 12.5/0.25/0.3,
+     align 0.1 as in every yaml, epochs 100 / 50, n_ctx = all ctx_init tokens).
+ 11. A missing checkpoint is an error (official silently evaluated an untrained model).
+ 12. Base-to-novel reports the true harmonic mean (the official table's "HM" is arithmetic).
+ 13. The robustness protocol above is ours: the released code has none.
+"""
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import (UserError, arg, autocast, benchmark_report, class_centroids, classification_metrics,
+                    encode_sentences, harmonic_mean, load_backbone, load_checkpoint, prepare_run_dir,
+                    resolve_device, rng_state, run_cli, run_dir, save_checkpoint, seed_everything,
+                    set_rng_state, time_ms, write_metrics)
+from data import (ImageDataset, build_transform, few_shot_splits, load_class_text, load_splits,
+                  make_loader, subsample_classes, synthetic_class_text)
+
+# Official per-dataset configuration (configs/trainers/BiomedAP/*): n_ctx, few-shot and
+# base-to-novel (lambda_high, lambda_kl, lambda_low). Hyper-parameters, not code.
+OFFICIAL = {
+    "btmri": (5, (12.5, 0.25, 3.0), (25.0, 0.5, 2.0)),
+    "busi": (5, (18.75, 1.0, 1.0), (18.75, 0.65, 1.5)),
+    "chmnist": (5, (12.5, 0.5, 3.0), (42.3, 0.7, 24.6)),
+    "covid": (6, (65.0, 2.5, 5.0), (18.75, 0.5, 0.3)),
+    "ctkidney": (5, (18.75, 0.25, 5.0), (25.0, 1.0, 5.0)),
+    "dermamnist": (5, (25.0, 20.0, 15.0), (25.3, 2.9, 1.4)),
+    "kneexray": (6, (25.0, 10.0, 10.0), (27.2, 1.7, 7.8)),
+    "kvasir": (5, (25.0, 0.75, 1.0), (10.0, 0.5, 5.0)),
+    "lungcolon": (5, (12.5, 0.25, 1.0), (9.5, 1.0, 3.0)),
+    "octmnist": (5, (12.5, 0.25, 1.0), (12.5, 0.5, 1.5)),
+    "retina": (4, (10.5, 0.25, 1.0), (22.0, 0.4, 5.0)),
+}
+GLOBAL_LAMBDAS = (12.5, 0.25, 0.3)   # train.py defaults (lambda_high, lambda_kl, lambda_low)
+LAMBDA_ALIGN = 0.1                   # every yaml: ALIGNMENT_LAMBDA
+EPOCHS = {"all": 100, "base": 50}    # MAX_EPOCH few-shot / base-to-novel
+N_PROMPTS = {"all": 40, "base": 50}  # expert descriptions per class in the high anchor
+REFERENCE_DEPTH, REFERENCE_FUSION = 12, (5, 8)  # the paper's blocks 5 and 8 of a 12-block ViT
+PERTURBATIONS = ("clinical", "generic", "article", "minimal", "typo", "descriptive")
+
+
+@dataclass
+class Args:
+    dataset: str = arg("btmri", "benchmark name, synthetic, or a folder with one sub-folder per class")
+    root: str = arg("data", "folder holding the benchmark datasets")
+    download: bool = arg(False, "fetch a missing benchmark dataset from the Hugging Face hub")
+    shots: int = arg(16, "K labelled images per class (1, 2, 4, 8, 16)")
+    seed: int = arg(1, "seed of the few-shot subset, initialisation and data order (paper: 1, 2, 3)")
+    subsample: str = arg("all", "all: few-shot; base: train on base classes, test base and novel", ["all", "base"])
+    variant: str = arg("paper", "paper: the method as published; official: the released code's behaviour",
+                       ["paper", "official"])
+    backbone: str = arg("biomedclip", "frozen backbone (see common.py)")
+    epochs: int = arg(None, "training epochs; none: official 100 few-shot, 50 base-to-novel")
+    batch_size: int = arg(4, "training batch size (official 4)")
+    test_batch_size: int = arg(100, "evaluation batch size (official 100)")
+    lr: float = arg(0.0025, "SGD learning rate, cosine per epoch (official)")
+    warmup_lr: float = arg(1e-5, "constant learning rate of the one warm-up epoch (official)")
+    momentum: float = arg(0.9, "SGD momentum (official)")
+    weight_decay: float = arg(5e-4, "SGD weight decay (official)")
+    n_ctx: int = arg(None, "M learned context tokens; none: official per-dataset value, else all ctx_init tokens")
+    n_prompts: int = arg(None, "expert descriptions per class in the high anchor; none: 40 few-shot, 50 b2n")
+    prompt_tokens: int = arg(4, "P visual prompt tokens (official 4)")
+    fusion_layers: list = dataclasses.field(default_factory=list, metadata={  # a list: arg() takes no factory
+        "help": "blocks that get the gated fusion (0-based); empty: 5 and 8 of 12, scaled to the depth"})
+    fusion_heads: int = arg(8, "heads of the fusion cross-attention (official 8)")
+    fusion_dropout: float = arg(0.1, "dropout in the fusion attention and feed-forward (official 0.1)")
+    lambda_high: float = arg(None, "weight of L1 to the high anchor; none: official per-dataset table")
+    lambda_kl: float = arg(None, "weight of KL to the anchor logits; none: official per-dataset table")
+    lambda_low: float = arg(None, "weight of L1 to the low anchor; none: official per-dataset table")
+    lambda_align: float = arg(None, "weight of the fusion alignment loss; none: official 0.1")
+    alpha: float = arg(1.0, "confidence-aware weight w = 1 + alpha * normalised entropy (paper variant)")
+    infer_context: str = arg("mean", "text context the fusion sees at test time", ["mean", "per-class"])
+    robustness: bool = arg(False, "also evaluate under prompt perturbations (see the docstring)")
+    eval_only: str = arg("", "RUN_DIR: evaluate that run's checkpoint with its saved arguments (evaluation "
+                             "options given here win) and rewrite its metrics.json")
+    resume: bool = arg(False, "continue an interrupted run from its checkpoint")
+    overwrite: bool = arg(False, "replace a finished run in the same folder")
+    stop_after_epoch: int = arg(0, "for testing interruption: stop after this epoch without evaluating")
+    device: str = arg("auto", "cpu, cuda, cuda:N or auto")
+    precision: str = arg("fp32", "fp32, or bf16 autocast on CUDA", ["fp32", "bf16"])
+    workers: int = arg(4, "data loader worker processes")
+    benchmark: bool = arg(False, "time a training step and evaluation against the bare towers; print JSON")
+    out: str = arg("runs", "folder of run folders")
+
+
+# --------------------------------------------------------------------------- text prompt learner
+class PromptLearner(nn.Module):
+    """[start] ctx_1..ctx_M <class name and rest of the clinical template> [end], one context
+    shared by all classes, initialised from the word embeddings of ctx_init."""
+
+    def __init__(self, backbone, classnames, template, ctx_init, n_ctx):
+        super().__init__()
+        self.backbone, self.n_ctx = backbone, n_ctx
+        init = backbone.tokenize([ctx_init])[0]                           # [start] w_1..w_k [end]
+        words = int((init != backbone.pad_id).sum()) - 2
+        if not 1 <= n_ctx <= words:
+            raise UserError(f"n_ctx={n_ctx} but ctx_init {ctx_init!r} has {words} tokens here; "
+                            f"pass --n-ctx between 1 and {words}")
+        ids = backbone.tokenize([template.format(c) for c in classnames])  # (C, L)
+        if not (ids[:, 1:1 + n_ctx] == init[1:1 + n_ctx]).all():
+            raise UserError(f"template {template!r} does not start with ctx_init {ctx_init!r} "
+                            f"after tokenisation; the context would overwrite other words")
+        with torch.no_grad():
+            embeds = backbone.token_embedding(ids).float()               # (C, L, Dt)
+        self.ctx = nn.Parameter(embeds[0, 1:1 + n_ctx].clone())          # (M, Dt)
+        self.register_buffer("ids", ids, persistent=False)
+        self.register_buffer("embeds", embeds, persistent=False)
+
+    def fixed_part(self, sentences):
+        """Ids and word embeddings of one perturbed sentence per class, laid out around the
+        context as described in the module docstring: (C, L'), (C, L', Dt)."""
+        bb, M = self.backbone, self.n_ctx
+        ids = bb.tokenize(sentences)
+        rows = []
+        for c, row in enumerate(ids):
+            row = row[:int((row != bb.pad_id).nonzero().max()) + 1]      # its real length
+            if not torch.equal(row[1:1 + M], self.ids[c, 1:1 + M]):      # insert M context slots
+                row = torch.cat([row[:1], self.ids[c, 1:1 + M], row[1:]])
+            rows.append(row)
+        length = max(len(r) for r in rows)
+        limit = getattr(bb.tokenizer, "context_length", length)
+        if length > limit:
+            raise UserError(f"a perturbed prompt has {length} tokens, over the text tower's {limit}")
+        ids = torch.stack([F.pad(r, (0, length - len(r)), value=bb.pad_id) for r in rows])  # (C, L')
+        with torch.no_grad():
+            return ids, bb.token_embedding(ids).float()
+
+    def forward(self, embeds=None):
+        """Prompt word embeddings with the learned context at positions 1..M: (C, L, Dt)."""
+        embeds = self.embeds if embeds is None else embeds
+        ctx = self.ctx.unsqueeze(0).expand(len(embeds), -1, -1)           # (C, M, Dt)
+        return torch.cat([embeds[:, :1], ctx, embeds[:, 1 + self.n_ctx:]], dim=1)
+
+    def class_context(self):
+        """The context slice of each class prompt, the fusion's text input: (C, M, Dt)."""
+        return self()[:, 1:1 + self.n_ctx]
+
+
+# --------------------------------------------------------------------------- gated fusion
+def heads_for(width, wanted):
+    return max(h for h in range(1, wanted + 1) if width % h == 0)
+
+
+class GatedFusion(nn.Module):
+    """Gated bidirectional cross-attention between visual prompts P_v (B, P, D) and the text
+    context P_t (B, M, Dt) in a unified space of width Du = max(D, Dt) (spec 2.3):
+        dP_v = MHA(P_v, P_t, P_t)            dP_t = MHA(P_t, P_v, P_v)
+        g_v = sigmoid(W_gv P_v + b)          g_t = sigmoid(W_gt P_t + b)
+        F_v = g_v * P_v + (1 - g_v) * dP_v   F_t likewise
+        Y_v = LN(P_v + F_v)                  out_v = Y_v + FFN(Y_v), likewise for t."""
+
+    def __init__(self, visual_width, text_width, heads=8, dropout=0.1):
+        super().__init__()
+        width = max(visual_width, text_width)
+        proj = lambda a, b: nn.Linear(a, b) if a != b else nn.Identity()  # noqa: E731
+        self.v_in, self.t_in = proj(visual_width, width), proj(text_width, width)
+        self.v_out, self.t_out = proj(width, visual_width), proj(width, text_width)
+        heads = heads_for(width, heads)
+        self.attn_v = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)  # v <- t
+        self.attn_t = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)  # t <- v
+        self.gate_v, self.gate_t = nn.Linear(width, width), nn.Linear(width, width)
+        self.norm_v, self.norm_t = nn.LayerNorm(width), nn.LayerNorm(width)
+        ffn = lambda: nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout),  # noqa: E731
+                                    nn.Linear(4 * width, width), nn.Dropout(dropout))
+        self.ffn_v, self.ffn_t = ffn(), ffn()
+
+    def forward(self, p_v, p_t):
+        p_v, p_t = self.v_in(p_v), self.t_in(p_t)                         # (B, P, Du), (B, M, Du)
+        d_v = self.attn_v(p_v, p_t, p_t, need_weights=False)[0]
+        d_t = self.attn_t(p_t, p_v, p_v, need_weights=False)[0]
+        g_v, g_t = torch.sigmoid(self.gate_v(p_v)), torch.sigmoid(self.gate_t(p_t))
+        y_v = self.norm_v(p_v + g_v * p_v + (1 - g_v) * d_v)
+        y_t = self.norm_t(p_t + g_t * p_t + (1 - g_t) * d_t)
+        return self.v_out(y_v + self.ffn_v(y_v)), self.t_out(y_t + self.ffn_t(y_t))
+
+
+def default_fusion_layers(depth):
+    return sorted({round(i * depth / REFERENCE_DEPTH) for i in REFERENCE_FUSION})
+
+
+# --------------------------------------------------------------------------- the model
+class BiomedAP(nn.Module):
+    def __init__(self, backbone, classnames, template, ctx_init, n_ctx, variant="paper",
+                 prompt_tokens=4, fusion_layers=(), heads=8, dropout=0.1, infer_context="mean",
+                 high_anchor=None, low_anchor=None):
+        super().__init__()
+        self.backbone, self.variant, self.infer_context = backbone, variant, infer_context
+        depth, width = backbone.num_blocks, backbone.image_width
+        self.fusion_layers = list(fusion_layers) or default_fusion_layers(depth)
+        layers = self.fusion_layers
+        if any(not 0 <= i < depth for i in layers) or len(set(layers)) != len(layers):
+            raise UserError(f"--fusion-layers must be distinct block indices in 0..{depth - 1}")
+        self.prompt_learner = PromptLearner(backbone, classnames, template, ctx_init, n_ctx)
+        self.fusion = nn.ModuleList(GatedFusion(width, backbone.text_width, heads, dropout)
+                                    for _ in self.fusion_layers)
+        self.P = prompt_tokens
+        if variant == "official":   # fixed zero tokens, never trained
+            self.register_buffer("zero_prompt", torch.zeros(1, prompt_tokens, width), persistent=False)
+        else:                       # deep VPT: block 0 and every block without fusion owns one
+            self.prompt_blocks = [i for i in range(depth) if i == 0 or i not in self.fusion_layers]
+            self.visual_prompts = nn.Parameter(torch.empty(len(self.prompt_blocks), prompt_tokens, width))
+            bound = math.sqrt(6 / (prompt_tokens + width))  # VPT's uniform init
+            nn.init.uniform_(self.visual_prompts, -bound, bound)
+        self.register_buffer("high_anchor", high_anchor, persistent=False)  # (C, E) or None
+        self.register_buffer("low_anchor", low_anchor, persistent=False)    # (C, E) or None
+
+    def text_features(self, embeds=None, ids=None):
+        """Normalised features of the learned class prompts (or of a perturbed fixed part): (C, E)."""
+        pl = self.prompt_learner
+        ids = pl.ids if ids is None else ids
+        return F.normalize(self.backbone.text_from_embeddings(pl(embeds), ids).float(), dim=-1)
+
+    def encode_image(self, images, context):
+        """Prompted, fused image tower: images (B, 3, H, W), context (B, M, Dt) ->
+        normalised features (B, E) and the fusion's enhanced text contexts [(B, M, Dt)]."""
+        bb, P = self.backbone, self.P
+        h = bb.image_tokens(images)                                       # (B, 1+N, D)
+        B = h.shape[0]
+        if self.variant == "paper":
+            h = torch.cat([h[:, :1], self.visual_prompts[0].expand(B, -1, -1), h[:, 1:]], dim=1)  # (B, 1+P+N, D)
+        fused_text = []
+        for i in range(bb.num_blocks):
+            if self.variant == "official":
+                v = self.zero_prompt.expand(B, -1, -1)                    # overwrites patches 1..P
+                if i in self.fusion_layers:
+                    v, t = self.fusion[self.fusion_layers.index(i)](v, context)
+                    fused_text.append(t)
+            elif i in self.fusion_layers:                                 # vision-informed input
+                v, t = self.fusion[self.fusion_layers.index(i)](h[:, 1:1 + P], context)
+                fused_text.append(t)
+            else:
+                v = self.visual_prompts[self.prompt_blocks.index(i)].expand(B, -1, -1)
+            h = torch.cat([h[:, :1], v.to(h.dtype), h[:, 1 + P:]], dim=1)  # (B, L, D)
+            h = bb.image_block(h, i)
+        return F.normalize(bb.image_head(h).float(), dim=-1), fused_text
+
+    def forward(self, images, context=None, text_features=None):
+        """Logits and what the losses need. No labels: training passes the label-indexed
+        context (B, M, Dt); at inference (context None) the fusion sees the mean over classes,
+        or each class's own context with `infer_context="per-class"` (C image passes)."""
+        text = self.text_features() if text_features is None else text_features    # (C, E)
+        scale = self.backbone.logit_scale
+        class_ctx = self.prompt_learner.class_context()                            # (C, M, Dt)
+        B = images.shape[0]
+        if context is None and self.infer_context == "per-class":
+            feats = torch.stack([self.encode_image(images, class_ctx[c].expand(B, -1, -1))[0]
+                                 for c in range(len(class_ctx))], dim=1)           # (B, C, E)
+            logits = scale * torch.einsum("bce,ce->bc", feats, text)
+            return {"logits": logits, "image_features": feats, "text_features": text}
+        if context is None:
+            context = class_ctx.mean(0, keepdim=True).expand(B, -1, -1)           # (B, M, Dt)
+        feats, fused_text = self.encode_image(images, context)
+        out = {"logits": scale * feats @ text.t(), "image_features": feats, "text_features": text,
+               "fused_text": fused_text, "context": context}
+        if self.high_anchor is not None:  # zero-shot logits of the same prompted image features
+            out["anchor_logits"] = scale * feats @ self.high_anchor.t()
+        return out
+
+
+# --------------------------------------------------------------------------- anchors
+def high_anchor(backbone, class_text, classnames, n_prompts):
+    """h_c = norm(mean_m norm(E_T(description_{c,m}))) over the first n_prompts descriptions: (C, E)."""
+    return class_centroids(backbone, [class_text["classes"][c]["descriptions"][:n_prompts] for c in classnames])
+
+
+@torch.no_grad()
+def low_anchor(backbone, variant, classnames, support=None):
+    """official: l_c = norm(E_T("{class}")); paper: the few-shot visual prototype
+    l_c = norm(mean_k norm(E_I(x_{c,k}))) of the frozen, unprompted image tower, from `support`
+    batches (images, labels) of the K support images with the test transform: (C, E)."""
+    if variant == "official":
+        return encode_sentences(backbone, list(classnames))
+    feats = torch.zeros(len(classnames), backbone.embed_dim, device=backbone.device)
+    for images, labels in support:
+        f = F.normalize(backbone.encode_image(images.to(backbone.device)).float(), dim=-1)  # (B, E)
+        feats.index_add_(0, labels.to(feats.device), f)
+    return F.normalize(feats, dim=-1)
+
+
+# --------------------------------------------------------------------------- losses
+def anchor_l1(text_features, anchor):
+    # L_high / L_low: mean element-wise |t - a| over the (C, E) normalised features
+    return (text_features - anchor).abs().mean()
+
+
+def anchor_kl(logits, anchor_logits, detach_teacher):
+    # L_kl: KL(softmax(z) || softmax(logits)), summed and divided by B*C (official form)
+    teacher = anchor_logits.detach() if detach_teacher else anchor_logits
+    return F.kl_div(logits.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
+                    reduction="sum") / logits.numel()
+
+
+def alignment_loss(fused_text, context):
+    # L_align: mean over fusion layers of 1 - mean_b cos(mean_M(P~_t), mean_M(P_t))
+    terms = [1 - F.cosine_similarity(t.mean(1), context.mean(1), dim=-1).mean() for t in fused_text]
+    return torch.stack(terms).mean() if terms else context.new_zeros(())
+
+
+def confidence_weight(logits, alpha):
+    # w = 1 + alpha * mean_b H(p_b) / log C, detached: uncertain batches lean on the anchors
+    logp = logits.detach().float().log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1) / math.log(max(logits.shape[-1], 2))
+    return 1 + alpha * entropy.mean()
+
+
+def train_step(model, images, labels, optimizer, lam, args):
+    """One optimisation step; returns the logged loss terms and the logits."""
+    with autocast(args.precision, images.device):
+        context = model.prompt_learner.class_context()[labels]                    # (B, M, Dt)
+        out = model(images, context=context)
+        logits = out["logits"].float()
+        ce = F.cross_entropy(logits, labels)
+        high = lam["high"] * anchor_l1(out["text_features"], model.high_anchor)
+        low = lam["low"] * anchor_l1(out["text_features"], model.low_anchor)
+        kl = lam["kl"] * anchor_kl(logits, out["anchor_logits"].float(), detach_teacher=args.variant == "paper")
+        align = lam["align"] * alignment_loss(out["fused_text"], context)
+        w = confidence_weight(logits, args.alpha) if args.variant == "paper" else torch.ones(())
+        loss = ce + w * (high + low + kl) + align
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    terms = {"loss": loss, "ce": ce, "high": high, "low": low, "kl": kl, "align": align, "w": w}
+    return {k: float(v.detach()) for k, v in terms.items()}, logits.detach()
+
+
+# =========================================================================== plumbing
+def resolve(args, dataset, backbone, ctx_init):
+    """The per-dataset official values for every knob left at none."""
+    key = dataset.lower()
+    n_ctx, few, b2n = OFFICIAL.get(key, (None, GLOBAL_LAMBDAS, GLOBAL_LAMBDAS))
+    table = few if args.subsample == "all" else b2n
+    if n_ctx is None:
+        n_ctx = int((backbone.tokenize([ctx_init])[0] != backbone.pad_id).sum()) - 2
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return {"n_ctx": pick(args.n_ctx, n_ctx), "epochs": pick(args.epochs, EPOCHS[args.subsample]),
+            "n_prompts": pick(args.n_prompts, N_PROMPTS[args.subsample]),
+            "lambda": {"high": pick(args.lambda_high, table[0]), "kl": pick(args.lambda_kl, table[1]),
+                       "low": pick(args.lambda_low, table[2]), "align": pick(args.lambda_align, LAMBDA_ALIGN)}}
+
+
+def build_model(backbone, classnames, text, cfg, args, device, support=None):
+    """The model for `classnames`; for training (`support` batches given) also its two anchors."""
+    high = low = None
+    if support is not None:
+        high = high_anchor(backbone, text, classnames, cfg["n_prompts"])
+        low = low_anchor(backbone, args.variant, classnames, support)
+    model = BiomedAP(backbone, classnames, text["template"], text["ctx_init"], cfg["n_ctx"], args.variant,
+                     args.prompt_tokens, args.fusion_layers, args.fusion_heads, args.fusion_dropout,
+                     args.infer_context, high, low)
+    return model.to(device)
+
+
+def learning_rate(epoch, args, epochs):
+    """One constant warm-up epoch, then cosine over the epochs, stepped per epoch (Dassl)."""
+    return args.warmup_lr if epoch == 0 else args.lr * (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
+
+
+def trainable(model):
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def train_one_epoch(model, loader, optimizer, lam, args, device, epoch):
+    model.train()
+    sums, correct, seen, start = {}, 0, 0, time.perf_counter()
+    for images, labels in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None):
+        images, labels = images.to(device), labels.to(device)
+        terms, logits = train_step(model, images, labels, optimizer, lam, args)
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v * len(labels)
+        correct += int((logits.argmax(-1) == labels).sum())
+        seen += len(labels)
+    logs = {k: v / max(seen, 1) for k, v in sums.items()}
+    logs.update(acc=100 * correct / max(seen, 1), lr=optimizer.param_groups[0]["lr"], time=time.perf_counter() - start)
+    return logs
+
+
+@torch.no_grad()
+def image_features(model, loader, args, device):
+    """Inference image features (n, E) or (n, C, E) per class, and labels (n,)."""
+    model.eval()
+    text = model.text_features()
+    feats, labels = [], []
+    for images, y in tqdm(loader, desc="evaluate", leave=False, disable=None):
+        with autocast(args.precision, device):
+            feats.append(model(images.to(device), text_features=text)["image_features"].float())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def score(model, feats, text):
+    """Logits (n, C) from image features (n, E), or (n, C, E) with per-class inference."""
+    sims = torch.einsum("nce,ce->nc", feats, text) if feats.dim() == 3 else feats @ text.t()
+    return model.backbone.logit_scale * sims
+
+
+def typo_template(template, ctx_init, rate=0.2):
+    """Substitute ~rate of the non-space characters of the fixed part (after ctx_init, class slot kept)."""
+    head, tail = template[:len(ctx_init)], template[len(ctx_init):]
+    slot = tail.index("{}")
+    eligible = [i for i, ch in enumerate(tail) if not ch.isspace() and not slot <= i < slot + 2]
+    rng, chars = random.Random(f"typo:{template}"), list(tail)
+    for i in rng.sample(eligible, max(1, round(rate * len(eligible))) if eligible else 0):
+        chars[i] = rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c != chars[i].lower()])
+    return head + "".join(chars)
+
+
+def perturbed_sentences(text, classnames):
+    t, names = text["template"], list(classnames)
+    typo = typo_template(t, text["ctx_init"])
+    return {"clinical": [t.format(c) for c in names], "generic": [f"a photo of a {c}." for c in names],
+            "article": [f"a {c}." for c in names], "minimal": list(names),
+            "typo": [typo.format(c) for c in names],
+            "descriptive": [f"{t.format(c)} {text['classes'][c]['descriptions'][0]}" for c in names]}
+
+
+@torch.no_grad()
+def evaluate(model, loader, args, device, text=None):
+    """Test metrics; with `text` (robustness) also accuracy under each prompt perturbation."""
+    feats, labels = image_features(model, loader, args, device)
+    C = len(model.prompt_learner.ids)
+    metrics = {"test": classification_metrics(score(model, feats, model.text_features()), labels, C)}
+    if text is not None:
+        accuracy = {}
+        for name, sentences in perturbed_sentences(text, text["classes"]).items():
+            ids, embeds = model.prompt_learner.fixed_part(sentences)
+            logits = score(model, feats, model.text_features(embeds, ids))
+            accuracy[name] = classification_metrics(logits, labels, C)["accuracy"]
+        drops = [accuracy["clinical"] - a for n, a in accuracy.items() if n != "clinical"]
+        metrics["robustness"] = {"accuracy": accuracy, "mean_drop": sum(drops) / len(drops)}
+    return metrics
+
+
+def eval_loader(items, backbone, args):
+    transform = build_transform(backbone.image_size, backbone.mean, backbone.std, train=False)
+    return make_loader(ImageDataset(items, transform), args.test_batch_size, False, args.seed, args.workers)
+
+
+def restrict(text, classnames):
+    return dict(text, classes={c: text["classes"][c] for c in classnames})
+
+
+def evaluate_all(model, backbone, splits, train_splits, text, cfg, args, device):
+    """Few-shot: the test split. Base-to-novel: base, then the same learned tensors with
+    prompts rebuilt for the novel class names, and the true harmonic mean."""
+    robust = restrict(text, train_splits.classnames) if args.robustness else None
+    metrics = evaluate(model, eval_loader(train_splits.test, backbone, args), args, device, robust)
+    if args.subsample == "all":
+        return metrics
+    novel = subsample_classes(splits, "novel")
+    novel_model = build_model(backbone, novel.classnames, text, cfg, args, device)
+    novel_model.load_state_dict(model.state_dict(), strict=True)
+    result = {"base": metrics.pop("test"), **metrics}
+    result["novel"] = evaluate(novel_model, eval_loader(novel.test, backbone, args), args, device)["test"]
+    result["harmonic_mean"] = harmonic_mean(result["base"]["accuracy"], result["novel"]["accuracy"])
+    return result
+
+
+def prepare(args, device):
+    """Backbone, few-shot splits, the training classes' splits, class text, resolved config."""
+    backbone = load_backbone(args.backbone, device)
+    splits = load_splits(args.dataset, args.root, args.download, args.seed, backbone.image_size)
+    splits = few_shot_splits(splits, args.shots, args.seed)
+    train_splits = subsample_classes(splits, args.subsample)
+    text = load_class_text(args.dataset, splits.classnames, args.root)
+    return backbone, splits, train_splits, text, resolve(args, args.dataset, backbone, text["ctx_init"])
+
+
+EVAL_FIELDS = ("robustness", "infer_context", "device", "precision", "workers", "root", "test_batch_size")
+RUNTIME_FIELDS = {*EVAL_FIELDS, "resume", "overwrite", "stop_after_epoch", "eval_only", "download", "out", "benchmark"}
+
+
+def main(args):
+    if args.benchmark:
+        return benchmark(args)
+    if args.eval_only:
+        return eval_only(args)
+    if args.shots < 1 or args.batch_size < 1:
+        raise UserError("--shots and --batch-size must be at least 1")
+    device = resolve_device(args.device)
+    autocast(args.precision, device)  # refuses bf16 without CUDA before anything is loaded
+    method = "biomedap" if args.variant == "paper" else "biomedap-official"
+    folder = prepare_run_dir(run_dir(args.out, method, args.dataset, args.shots, args.seed, args.subsample),
+                             args.overwrite, args.resume)
+    seed_everything(args.seed)
+    backbone, splits, train_splits, text, cfg = prepare(args, device)
+    support = eval_loader(train_splits.train, backbone, dataclasses.replace(args, workers=0))
+    model = build_model(backbone, train_splits.classnames, text, cfg, args, device, support)
+    params = trainable(model)
+    groups = {}  # a fusion module's tensors are listed as one entry
+    for n, p in params.items():
+        groups.setdefault(".".join(n.split(".")[:2]) if n.startswith("fusion.") else n, []).append(p)
+    print("trainable: " + ", ".join(f"{g} {tuple(ps[0].shape) if len(ps) == 1 else f'({len(ps)} tensors)'} "
+                                    f"{sum(p.numel() for p in ps):,}" for g, ps in groups.items()))
+    print(f"trainable parameters: {sum(p.numel() for p in params.values()):,}   config: {cfg}")
+    optimizer = torch.optim.SGD(params.values(), lr=args.warmup_lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    transform = build_transform(backbone.image_size, backbone.mean, backbone.std, train=True)
+    loader = make_loader(ImageDataset(train_splits.train, transform), args.batch_size, True, args.seed, args.workers)
+    start_epoch = 0
+    if args.resume:
+        ckpt = load_checkpoint(folder)  # a missing checkpoint is an error, not a fresh start
+        changed = [k for k, v in asdict(args).items() if k not in RUNTIME_FIELDS and ckpt["args"].get(k) != v]
+        if changed:
+            raise UserError(f"--resume with different settings than the checkpoint: {', '.join(changed)}")
+        model.load_state_dict(ckpt["trainable"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        loader.generator.set_state(ckpt["loader_generator"])
+        start_epoch = ckpt["epoch"]
+        print(f"resuming after epoch {start_epoch}")
+    train_start = time.perf_counter()
+    for epoch in range(start_epoch, cfg["epochs"]):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(epoch, args, cfg["epochs"])
+        logs = train_one_epoch(model, loader, optimizer, cfg["lambda"], args, device, epoch)
+        print(f"epoch {epoch + 1}/{cfg['epochs']} " + " ".join(
+            f"{k} {v:.4g}" for k, v in logs.items()), flush=True)
+        save_checkpoint(folder / "checkpoint.pt", {
+            "trainable": {n: p.detach().cpu() for n, p in trainable(model).items()}, "args": asdict(args),
+            "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "lr": optimizer.param_groups[0]["lr"],
+            "rng": rng_state(), "loader_generator": loader.generator.get_state()})
+        if args.stop_after_epoch and epoch + 1 >= args.stop_after_epoch:
+            print(f"stopped after epoch {epoch + 1} (--stop-after-epoch); continue with --resume")
+            return None
+    train_s = time.perf_counter() - train_start
+    eval_start = time.perf_counter()
+    metrics = evaluate_all(model, backbone, splits, train_splits, text, cfg, args, device)
+    timings = {"train_s": train_s, "eval_s": time.perf_counter() - eval_start}
+    extra = {"config": cfg, "trainable_parameters": sum(p.numel() for p in params.values())}
+    write_metrics(folder, args, metrics, timings, extra)
+    print(f"metrics: {summary_line(metrics)} -> {folder / 'metrics.json'}")
+    return metrics
+
+
+def summary_line(metrics):
+    if "harmonic_mean" in metrics:
+        return (f"base {metrics['base']['accuracy']:.2f} novel {metrics['novel']['accuracy']:.2f} "
+                f"HM {metrics['harmonic_mean']:.2f}")
+    return f"accuracy {metrics['test']['accuracy']:.2f}"
+
+
+def eval_only(cli):
+    """Evaluate a run folder's checkpoint with its own training arguments (and this call's
+    evaluation options) and rewrite its metrics.json."""
+    folder = Path(cli.eval_only)
+    ckpt = load_checkpoint(folder)
+    saved = {f.name for f in dataclasses.fields(Args)}
+    args = Args(**{k: v for k, v in ckpt["args"].items() if k in saved})
+    defaults = Args()  # evaluation options given on this command line win over the saved ones
+    args = dataclasses.replace(args, **{k: getattr(cli, k) for k in EVAL_FIELDS
+                                        if getattr(cli, k) != getattr(defaults, k)})
+    device = resolve_device(args.device)
+    backbone, splits, train_splits, text, cfg = prepare(args, device)
+    if ckpt["epoch"] != cfg["epochs"]:
+        raise UserError(f"{folder} holds an unfinished run (epoch {ckpt['epoch']} of {cfg['epochs']}); "
+                        f"finish it with --resume")
+    model = build_model(backbone, train_splits.classnames, text, cfg, args, device)
+    model.load_state_dict(ckpt["trainable"], strict=True)
+    start = time.perf_counter()
+    metrics = evaluate_all(model, backbone, splits, train_splits, text, cfg, args, device)
+    old = folder / "metrics.json"
+    timings = json.loads(old.read_text()).get("timings", {}) if old.is_file() else {}
+    timings["eval_s"] = time.perf_counter() - start
+    extra = {"config": cfg, "trainable_parameters": sum(p.numel() for p in trainable(model).values())}
+    write_metrics(folder, args, metrics, timings, extra)
+    print(f"metrics: {summary_line(metrics)} -> {old}")
+    return metrics
+
+
+def benchmark(args):
+    """A training step (batch 4, 4 classes) against the bare towers' forward and backward; evaluation
+    throughput against the bare image tower. Synthetic class text, random images."""
+    device = resolve_device(args.device)
+    backbone = load_backbone(args.backbone, device)
+    text = synthetic_class_text()
+    classnames = list(text["classes"])
+    cfg = resolve(args, "synthetic", backbone, text["ctx_init"])
+    seed_everything(args.seed)
+    S, B = backbone.image_size, args.batch_size
+    images = torch.randn(B, 3, S, S, device=device)
+    labels = torch.arange(B, device=device) % len(classnames)
+    model = build_model(backbone, classnames, text, cfg, dataclasses.replace(args, infer_context="mean"), device,
+                        support=[(images, labels)])  # the paper's prototypes: from the random batch
+    params = trainable(model)
+    optimizer = torch.optim.SGD(params.values(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    ids = model.prompt_learner.ids
+    token = torch.zeros(1, 1, backbone.image_width, device=device, requires_grad=True)  # dummy learnable
+    embeds = backbone.token_embedding(ids).detach().requires_grad_()
+
+    def step():
+        model.train()
+        train_step(model, images, labels, optimizer, cfg["lambda"], args)
+
+    def floor():
+        h = backbone.image_tokens(images) + token
+        for i in range(backbone.num_blocks):
+            h = backbone.image_block(h, i)
+        (backbone.image_head(h).sum() + backbone.text_from_embeddings(embeds, ids).sum()).backward()
+
+    eval_images = torch.randn(16, 3, S, S, device=device)
+    model.eval()
+    with torch.no_grad():
+        text_feats = model.text_features()
+        ms = time_ms(lambda: model(eval_images, text_features=text_feats), device, 1, 3)
+        bare = time_ms(lambda: backbone.encode_image(eval_images), device, 1, 3)
+    extra = {"method": "biomedap", "variant": args.variant, "backbone": args.backbone, "batch": B,
+             "classes": len(classnames), "prompt_length": ids.shape[1],
+             "trainable_parameters": sum(p.numel() for p in params.values()),
+             "eval_images_per_s": round(16e3 / ms, 2), "bare_eval_images_per_s": round(16e3 / bare, 2),
+             "eval_ratio": round(bare / ms, 3)}
+    return benchmark_report(step, floor, device, extra, warmup=1, reps=3)
+
+
+if __name__ == "__main__":
+    run_cli(main, Args, "BiomedAP: gated cross-modal fusion and dual anchors for prompt learning "
+                        "on a frozen BiomedCLIP (see the module docstring).")
