@@ -145,7 +145,8 @@ class Args:
     stop_after_epoch: int = arg(0, "for testing interruption: stop after this epoch without evaluating")
     device: str = arg("auto", "cpu, cuda, cuda:N or auto")
     precision: str = arg("fp32", "fp32, or bf16 autocast on CUDA", ["fp32", "bf16"])
-    workers: int = arg(4, "data loader worker processes")
+    workers: int = arg(4, "data loader worker processes (augmentation draws depend on the count: "
+                          "keep it fixed to repeat a run)")
     benchmark: bool = arg(False, "time a training step and evaluation against the bare towers; print JSON")
     out: str = arg("runs", "folder of run folders")
 

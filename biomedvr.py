@@ -93,7 +93,8 @@ class Args:
     precision: str = arg("fp32", "fp32, or bf16 autocast on CUDA", ["fp32", "bf16"])
     benchmark: bool = arg(False, "time a training step against the bare image tower and exit")
     out: str = arg("runs", "folder for run folders")
-    workers: int = arg(4, "data loader worker processes")
+    workers: int = arg(4, "data loader worker processes (augmentation draws depend on the count: "
+                          "keep it fixed to repeat a run)")
 
 
 # --------------------------------------------------------------------------- text side
