@@ -22,6 +22,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import logging
 import math
 import os
 import platform
@@ -155,6 +156,7 @@ def load_backbone(name: str = "biomedclip", device="cpu") -> Backbone:
     elif full.startswith("local-dir:"):
         model, tokenizer, size, mean, std = _load_local_dir(Path(full[len("local-dir:"):]))
     else:
+        logging.disable(logging.ERROR)  # open_clip logs each failure; ours is the one line below
         try:
             if full.startswith("hf-hub:"):
                 model, tokenizer = open_clip.create_model(full), open_clip.get_tokenizer(full)
@@ -174,6 +176,8 @@ def load_backbone(name: str = "biomedclip", device="cpu") -> Backbone:
                 f"download the model repository's files into a folder (open_clip_config.json, "
                 f"open_clip_pytorch_model.bin, and for BiomedCLIP the text model's config.json and "
                 f"vocab.txt) and pass --backbone local-dir:FOLDER") from None
+        finally:
+            logging.disable(logging.NOTSET)
         cfg = open_clip.get_model_preprocess_cfg(model)
         size, mean, std = cfg.get("size", 224), cfg.get("mean", OPENAI_MEAN), cfg.get("std", OPENAI_STD)
     size = size[0] if isinstance(size, (tuple, list)) else size
@@ -467,8 +471,7 @@ def prepare_run_dir(folder: Path, overwrite: bool, resume: bool) -> Path:
     if overwrite and not resume:
         for f in (done, ckpt):
             f.unlink(missing_ok=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return folder  # created by the first checkpoint, so a run that fails early leaves nothing
 
 
 def atomic_write_json(path: Path, obj):
@@ -484,6 +487,7 @@ def save_checkpoint(path: Path, state: dict):
     `state` holds tensors, numbers, strings, lists and dicts only (weights_only loadable)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, tmp)
     os.replace(tmp, path)
 
