@@ -20,7 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python >/dev/null && echo python || echo python3)}
 OUT=${OUT:-runs}
 ALL_DATASETS="btmri busi chmnist covid ctkidney dermamnist kneexray kvasir lungcolon octmnist retina"
 ALL_SHOTS="1 2 4 8 16"

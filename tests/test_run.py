@@ -27,7 +27,7 @@ def run_sh(*args, env=None):
 def parse_job(line):
     """A job line 'python METHOD.py FLAGS' -> (module, Args), parsed by the method's own CLI."""
     argv = shlex.split(line)
-    assert argv[0] == "python" and argv[1] in METHODS, line
+    assert argv[0] in ("python", "python3") and argv[1] in METHODS, line
     module = METHODS[argv[1]]
     return module, common.parse_args(module.Args, argv[2:])
 
@@ -93,7 +93,7 @@ def test_every_readme_command_is_accepted(line):
     argv = shlex.split(line.split(" #")[0].split(" | ")[0].split(" > ")[0].split(" < ")[0])
     while argv and re.match(r"^[A-Z_]+=", argv[0]):   # leading VAR=value assignments
         argv.pop(0)
-    if argv[0] == "python" and argv[1] in METHODS:
+    if argv[0] in ("python", "python3") and argv[1] in METHODS:
         parse_job(shlex.join(argv))
     elif argv[:2] == ["bash", "run.sh"]:
         if argv[2] != "summarize":
