@@ -526,7 +526,7 @@ def evaluate_all(model, backbone, splits, train_splits, text, cfg, args, device)
 def prepare(args, device):
     """Backbone, few-shot splits, the training classes' splits, class text, resolved config."""
     backbone = load_backbone(args.backbone, device)
-    splits = load_splits(args.dataset, args.root, args.download, args.seed, backbone.image_size)
+    splits = load_splits(args.dataset, args.root, args.download, image_size=backbone.image_size)
     splits = few_shot_splits(splits, args.shots, args.seed)
     train_splits = subsample_classes(splits, args.subsample)
     text = load_class_text(args.dataset, splits.classnames, args.root)

@@ -261,7 +261,7 @@ def evaluate(model, loader, args, device):
 def load_data(args, S):
     """Training split and evaluation sets {name: Splits}; images of size S - 2w, unnormalised."""
     inner = S - 2 * frame_width(args, S)
-    full = data.load_splits(args.dataset, args.root, args.download, args.seed, image_size=inner)
+    full = data.load_splits(args.dataset, args.root, args.download, image_size=inner)
     train = data.subsample_classes(data.few_shot_splits(full, args.shots, args.seed), args.subsample)
     if args.subsample == "base":
         evals = {"base": train, "novel": data.subsample_classes(full, "novel")}

@@ -144,12 +144,13 @@ def _check_images_exist(parts, source):
 
 # ---------------------------------------------------------------- loading a dataset
 
-def load_splits(dataset: str, root: str = "data", download: bool = False, seed: int = 1,
+def load_splits(dataset: str, root: str = "data", download: bool = False, split_seed: int = 0,
                 image_size: int = 224) -> Splits:
     """The full train/val/test splits of a benchmark name, your own folder, or `synthetic`.
 
-    `seed` only shapes the split of your own folder when it has no split.json; `image_size` only
-    the synthetic images.
+    `split_seed` only shapes the split of your own folder when it has no split.json: it is not
+    the run's seed, so runs with different seeds share one test set; `image_size` only the
+    synthetic images.
     """
     dataset = str(dataset)
     if dataset == "synthetic":
@@ -157,7 +158,7 @@ def load_splits(dataset: str, root: str = "data", download: bool = False, seed: 
     if dataset.lower() in DATASETS:
         return _benchmark_splits(dataset.lower(), Path(root), download)
     if Path(dataset).is_dir():
-        return _folder_splits(Path(dataset), seed)
+        return _folder_splits(Path(dataset), split_seed)
     if "/" in dataset or os.sep in dataset or dataset.startswith("."):
         raise UserError(f"dataset folder {dataset} does not exist")
     raise UserError(f"unknown dataset '{dataset}': use one of {', '.join(DATASETS)}, synthetic, "

@@ -224,7 +224,7 @@ def make_own(folder, counts={"class_a": 10, "class_b": 5, "tiny_c": 2}):
 
 def test_own_folder_gets_a_seeded_stratified_split(tmp_path):
     folder = make_own(tmp_path / "mine")
-    splits = data.load_splits(str(folder), seed=1)
+    splits = data.load_splits(str(folder), split_seed=1)
     assert splits.classnames == ["class a", "class b", "tiny c"] and splits.name == "mine"
     every = splits.train + splits.val + splits.test
     assert len(every) == len(set(every)) == 17
@@ -232,8 +232,9 @@ def test_own_folder_gets_a_seeded_stratified_split(tmp_path):
     assert {i.label for i in splits.train} == {0, 1, 2}
     counts = [sum(i.label == 0 for i in part) for part in (splits.train, splits.val, splits.test)]
     assert counts == [6, 2, 2]
-    assert data.load_splits(str(folder), seed=1) == splits
-    assert data.load_splits(str(folder), seed=2).test != splits.test
+    assert data.load_splits(str(folder), split_seed=1) == splits
+    assert data.load_splits(str(folder), split_seed=2).test != splits.test
+    assert data.load_splits(str(folder)).test == data.load_splits(str(folder), split_seed=0).test  # fixed default
 
 
 def test_own_folder_uses_its_split_json(tmp_path):
