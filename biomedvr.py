@@ -39,7 +39,8 @@ Deviations from the paper / official code:
     the expert scores are always computed in fp32. fp32 is the default.
   * The L_CS cap at 1000 in the official code is omitted (it never binds).
   * The images are resized to S - 2w and zero-padded by the frame, as AttrVR; the official resize
-    to 192 is the same for S = 224, w = 16.
+    to 192 is the same for S = 224, w = 16. The frame width w defaults to 16/224 of the
+    backbone's input size (16 at 224, as official), so other input sizes keep the same proportion.
 """
 import random
 import time
