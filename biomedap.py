@@ -76,10 +76,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (UserError, arg, autocast, benchmark_report, class_centroids, classification_metrics,
-                    encode_sentences, harmonic_mean, load_backbone, load_checkpoint, prepare_run_dir,
-                    resolve_device, rng_state, run_cli, run_dir, save_checkpoint, seed_everything,
-                    set_rng_state, time_ms, write_metrics)
+from common import (UserError, arg, autocast, benchmark_report, check_resume, class_centroids,
+                    classification_metrics, encode_sentences, finish_checkpoint, harmonic_mean,
+                    load_backbone, load_checkpoint, prepare_run_dir, resolve_device, rng_state, run_cli,
+                    run_dir, seed_everything, set_rng_state, time_ms, validate_args, write_metrics)
 from data import (ImageDataset, build_transform, few_shot_splits, load_class_text, load_splits,
                   make_loader, subsample_classes, synthetic_class_text)
 
@@ -534,7 +534,6 @@ def prepare(args, device):
 
 
 EVAL_FIELDS = ("robustness", "infer_context", "device", "precision", "workers", "root", "test_batch_size")
-RUNTIME_FIELDS = {*EVAL_FIELDS, "resume", "overwrite", "stop_after_epoch", "eval_only", "download", "out", "benchmark"}
 
 
 def main(args):
@@ -542,13 +541,13 @@ def main(args):
         return benchmark(args)
     if args.eval_only:
         return eval_only(args)
-    if args.shots < 1 or args.batch_size < 1:
-        raise UserError("--shots and --batch-size must be at least 1")
+    validate_args(args)
     device = resolve_device(args.device)
     autocast(args.precision, device)  # refuses bf16 without CUDA before anything is loaded
     method = "biomedap" if args.variant == "paper" else "biomedap-official"
-    folder = prepare_run_dir(run_dir(args.out, method, args.dataset, args.shots, args.seed, args.subsample),
-                             args.overwrite, args.resume)
+    run = prepare_run_dir(run_dir(args.out, method, args.dataset, args.shots, args.seed, args.subsample),
+                          args.overwrite, args.resume)
+    folder = run.path
     seed_everything(args.seed)
     backbone, splits, train_splits, text, cfg = prepare(args, device)
     support = eval_loader(train_splits.train, backbone, dataclasses.replace(args, workers=0))
@@ -567,35 +566,35 @@ def main(args):
     start_epoch = 0
     if args.resume:
         ckpt = load_checkpoint(folder)  # a missing checkpoint is an error, not a fresh start
-        changed = [k for k, v in asdict(args).items() if k not in RUNTIME_FIELDS and ckpt["args"].get(k) != v]
-        if changed:
-            raise UserError(f"--resume with different settings than the checkpoint: {', '.join(changed)}")
+        check_resume(ckpt["args"], args)
         model.load_state_dict(ckpt["trainable"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         loader.generator.set_state(ckpt["loader_generator"])
-        start_epoch = ckpt["epoch"]
+        start_epoch = run.saved_epoch = ckpt["epoch"]
         print(f"resuming after epoch {start_epoch}")
     train_start = time.perf_counter()
-    for epoch in range(start_epoch, cfg["epochs"]):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(epoch, args, cfg["epochs"])
-        logs = train_one_epoch(model, loader, optimizer, cfg["lambda"], args, device, epoch)
-        print(f"epoch {epoch + 1}/{cfg['epochs']} " + " ".join(
-            f"{k} {v:.4g}" for k, v in logs.items()), flush=True)
-        save_checkpoint(folder / "checkpoint.pt", {
-            "trainable": {n: p.detach().cpu() for n, p in trainable(model).items()}, "args": asdict(args),
-            "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "lr": optimizer.param_groups[0]["lr"],
-            "rng": rng_state(), "loader_generator": loader.generator.get_state()})
-        if args.stop_after_epoch and epoch + 1 >= args.stop_after_epoch:
-            print(f"stopped after epoch {epoch + 1} (--stop-after-epoch); continue with --resume")
-            return None
+    with run.stop_on_ctrl_c():
+        for epoch in range(start_epoch, cfg["epochs"]):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(epoch, args, cfg["epochs"])
+            logs = train_one_epoch(model, loader, optimizer, cfg["lambda"], args, device, epoch)
+            print(f"epoch {epoch + 1}/{cfg['epochs']} " + " ".join(
+                f"{k} {v:.4g}" for k, v in logs.items()), flush=True)
+            run.save_checkpoint({
+                "trainable": {n: p.detach().cpu() for n, p in trainable(model).items()}, "args": asdict(args),
+                "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "lr": optimizer.param_groups[0]["lr"],
+                "rng": rng_state(), "loader_generator": loader.generator.get_state()})
+            if args.stop_after_epoch and epoch + 1 >= args.stop_after_epoch:
+                print(f"stopped after epoch {epoch + 1} (--stop-after-epoch); continue with --resume")
+                return None
     train_s = time.perf_counter() - train_start
     eval_start = time.perf_counter()
     metrics = evaluate_all(model, backbone, splits, train_splits, text, cfg, args, device)
     timings = {"train_s": train_s, "eval_s": time.perf_counter() - eval_start}
     extra = {"config": cfg, "trainable_parameters": sum(p.numel() for p in params.values())}
     write_metrics(folder, args, metrics, timings, extra)
+    finish_checkpoint(folder)
     print(f"metrics: {summary_line(metrics)} -> {folder / 'metrics.json'}")
     return metrics
 

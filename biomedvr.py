@@ -56,9 +56,6 @@ from common import UserError, arg
 import data
 
 ATTRIBUTE_SETS = ("descriptions", "distinctive", "confusions")  # Des, Dist, Conf
-# Fields that only steer this invocation; all the others must match when resuming.
-RUN_CONTROL = {"resume", "overwrite", "eval_only", "device", "out", "root", "download",
-               "benchmark", "stop_after_epoch", "eval_every"}
 
 
 @dataclass
@@ -310,19 +307,16 @@ def main(args):
     if args.eval_only:
         return eval_only(args)
     start = time.perf_counter()
-    if args.epochs < 1:
-        raise UserError(f"--epochs must be at least 1, not {args.epochs}")
+    common.validate_args(args)
     device = common.resolve_device(args.device)
-    folder = common.prepare_run_dir(common.run_dir(args.out, "biomedvr", args.dataset, args.shots, args.seed,
-                                                   args.subsample), args.overwrite, args.resume)
+    common.autocast(args.precision, device)  # refuses bf16 without CUDA before anything is loaded
+    run = common.prepare_run_dir(common.run_dir(args.out, "biomedvr", args.dataset, args.shots, args.seed,
+                                                args.subsample), args.overwrite, args.resume)
+    folder = run.path
     ckpt = None
     if args.resume:
         ckpt = common.load_checkpoint(folder)  # a missing checkpoint is an error, not a fresh start
-        changed = [f.name for f in fields(Args) if f.name not in RUN_CONTROL
-                   and ckpt["args"].get(f.name) != getattr(args, f.name)]
-        if changed:
-            raise UserError(f"--resume with different settings ({', '.join(changed)}) than {folder}; "
-                            f"use the run's settings or --overwrite")
+        common.check_resume(ckpt["args"], args)
     common.seed_everything(args.seed)
     backbone, model, train, evals = setup(args, device)
     S = backbone.image_size
@@ -344,29 +338,31 @@ def main(args):
         common.set_rng_state(ckpt["rng"])
         loader.generator.set_state(ckpt["loader_generator"])
         first_epoch, history = ckpt["epoch"] + 1, ckpt.get("history", [])
+        run.saved_epoch = ckpt["epoch"]
         print(f"resuming {folder} after epoch {ckpt['epoch']}")
     setup_s, train_start = time.perf_counter() - start, time.perf_counter()
     last = min(args.stop_after_epoch or args.epochs, args.epochs)
     bar = tqdm(total=(last - first_epoch + 1) * len(loader), desc="biomedvr", leave=False,
                disable=None)
-    for epoch in range(first_epoch, last + 1):
-        t0 = time.perf_counter()
-        model.train()
-        stats = train_one_epoch(model, loader, optimizer, scheduler, args, device, bar)
-        gate = model.gate.detach().softmax(0).tolist()
-        line = (f"epoch {epoch}/{args.epochs} ce {stats['ce']:.4f} cs {stats['cs']:.4f} "
-                f"train_acc {stats['train_accuracy']:.2f} lr {scheduler.get_last_lr()[0]:.4g} "
-                f"gate {gate[0]:.3f}/{gate[1]:.3f} time {time.perf_counter() - t0:.1f}s")
-        if args.eval_every and epoch % args.eval_every == 0 and epoch < args.epochs:
-            model.eval()
-            accuracy = evaluate(model, eval_loaders[next(iter(eval_loaders))], args, device)["accuracy"]
-            history.append({"epoch": epoch, "test_accuracy": accuracy})
-            line += f" test_acc {accuracy:.2f}"
-        tqdm.write(line)
-        common.save_checkpoint(folder / "checkpoint.pt", {
-            "trainable": trainable_state(model), "args": asdict(args), "epoch": epoch,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": common.rng_state(), "loader_generator": loader.generator.get_state(), "history": history})
+    with run.stop_on_ctrl_c():
+        for epoch in range(first_epoch, last + 1):
+            t0 = time.perf_counter()
+            model.train()
+            stats = train_one_epoch(model, loader, optimizer, scheduler, args, device, bar)
+            gate = model.gate.detach().softmax(0).tolist()
+            line = (f"epoch {epoch}/{args.epochs} ce {stats['ce']:.4f} cs {stats['cs']:.4f} "
+                    f"train_acc {stats['train_accuracy']:.2f} lr {scheduler.get_last_lr()[0]:.4g} "
+                    f"gate {gate[0]:.3f}/{gate[1]:.3f} time {time.perf_counter() - t0:.1f}s")
+            if args.eval_every and epoch % args.eval_every == 0 and epoch < args.epochs:
+                model.eval()
+                accuracy = evaluate(model, eval_loaders[next(iter(eval_loaders))], args, device)["accuracy"]
+                history.append({"epoch": epoch, "test_accuracy": accuracy})
+                line += f" test_acc {accuracy:.2f}"
+            tqdm.write(line)
+            run.save_checkpoint({
+                "trainable": trainable_state(model), "args": asdict(args), "epoch": epoch,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": common.rng_state(), "loader_generator": loader.generator.get_state(), "history": history})
     bar.close()
     if last < args.epochs:
         print(f"stopped after epoch {last} as asked; continue with --resume")
@@ -382,6 +378,7 @@ def main(args):
     timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": time.perf_counter() - eval_start}
     common.write_metrics(folder, args, metrics, timings, {
         "trainable_parameters": sum(p.numel() for p in params), "eval_history": history})
+    common.finish_checkpoint(folder)
     print(summary_line(metrics), f"-> {folder / 'metrics.json'}")
     return metrics
 

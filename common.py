@@ -28,10 +28,11 @@ import os
 import platform
 import random
 import resource
+import shutil
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,15 @@ import torch.nn.functional as F
 
 class UserError(Exception):
     """A problem with the user's input; the CLIs print its message as one line and exit."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training; its message says what was kept. The CLIs print it and exit 130."""
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's whole message on one line (a library's multi-line text, joined)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 # --------------------------------------------------------------------------- backbones
@@ -170,9 +180,8 @@ def load_backbone(name: str = "biomedclip", device="cpu") -> Backbone:
         except UserError:
             raise
         except Exception as e:  # network, missing weights, unknown tag: one line, with the way out
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise UserError(
-                f"could not load backbone '{full}' ({first}). Without access to the Hugging Face hub, "
+                f"could not load backbone '{full}' ({one_line(e)}). Without access to the Hugging Face hub, "
                 f"download the model repository's files into a folder (open_clip_config.json, "
                 f"open_clip_pytorch_model.bin, and for BiomedCLIP the text model's config.json and "
                 f"vocab.txt) and pass --backbone local-dir:FOLDER") from None
@@ -209,6 +218,8 @@ def _load_local_dir(folder: Path):
     import open_clip
 
     cfg_path, ckpt = folder / "open_clip_config.json", folder / "open_clip_pytorch_model.bin"
+    if not folder.is_dir():
+        raise UserError(f"the local-dir folder {folder} does not exist: check the path after local-dir:")
     if not cfg_path.is_file():
         raise UserError(f"{folder} has no open_clip_config.json: a local-dir backbone needs "
                         f"open_clip_config.json and open_clip_pytorch_model.bin (see README)")
@@ -236,7 +247,7 @@ def _load_local_dir(folder: Path):
     try:
         open_clip.load_checkpoint(model, str(ckpt), weights_only=True)
     except Exception as e:
-        raise UserError(f"could not load weights from {ckpt} ({str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"could not load weights from {ckpt} ({one_line(e)})") from None
     size = model_cfg["vision_cfg"].get("image_size", 224)
     return model, tokenizer, size, pre.get("mean", OPENAI_MEAN), pre.get("std", OPENAI_STD)
 
@@ -459,19 +470,106 @@ def run_dir(out: str, method: str, dataset: str, shots: int, seed: int, subsampl
     return Path(out) / method / Path(dataset).name / f"{shots}shot{suffix}" / f"seed{seed}"
 
 
-def prepare_run_dir(folder: Path, overwrite: bool, resume: bool) -> Path:
-    """Refuse to clobber a finished or interrupted run unless asked."""
-    done, ckpt = folder / "metrics.json", folder / "checkpoint.pt"
-    if done.exists() and not overwrite:
-        raise UserError(f"{folder} already holds a finished run; pass --overwrite to redo it "
-                        f"or --out to write elsewhere")
-    if ckpt.exists() and not (resume or overwrite):
-        raise UserError(f"{folder} holds an unfinished run; pass --resume to continue it "
-                        f"or --overwrite to start again")
-    if overwrite and not resume:
-        for f in (done, ckpt):
-            f.unlink(missing_ok=True)
-    return folder  # created by the first checkpoint, so a run that fails early leaves nothing
+class RunFolder:
+    """A run's folder. It appears with the run's first checkpoint, so a run that fails to start
+    leaves nothing behind. With --overwrite the new run writes into a sibling staging folder that
+    replaces the old run only once the new run has a checkpoint of its own: a restart that fails
+    (a backbone that does not load, a missing dataset, a wrong flag) never loses a finished result."""
+
+    def __init__(self, path: Path, overwrite: bool = False, resume: bool = False):
+        path = Path(path)
+        done, ckpt = path / "metrics.json", path / "checkpoint.pt"
+        if done.exists() and not overwrite:
+            raise UserError(f"{path} already holds a finished run; pass --overwrite to redo it "
+                            f"or --out to write elsewhere")
+        if ckpt.exists() and not (resume or overwrite):
+            raise UserError(f"{path} holds an unfinished run; pass --resume to continue it "
+                            f"or --overwrite to start again")
+        if resume and overwrite:
+            raise UserError("--resume and --overwrite contradict each other: pass one of them")
+        self.path = path
+        self.staging = path.with_name(path.name + ".overwrite") if overwrite and path.exists() else None
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)  # left by a restart that failed: never a result
+
+    def save_checkpoint(self, state: dict):
+        """Write the checkpoint; the first one of an --overwrite run then takes the old run's place."""
+        if self.staging is None:
+            save_checkpoint(self.path / "checkpoint.pt", state)
+        else:
+            save_checkpoint(self.staging / "checkpoint.pt", state)
+            replaced = self.path.with_name(self.path.name + ".replaced")
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(self.path, replaced)      # two renames: the old run is never deleted before
+            os.replace(self.staging, self.path)  # the new one is in place, and the gap is microseconds
+            shutil.rmtree(replaced)
+            self.staging = None
+        self.saved_epoch = state.get("epoch")
+
+    saved_epoch = 0  # the epoch of the checkpoint on disk: set by each save, and on resume
+
+    @contextmanager
+    def stop_on_ctrl_c(self):
+        """Around the training loop: Ctrl-C becomes one line saying which checkpoint is kept."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            epoch = self.saved_epoch + 1
+            if self.saved_epoch:
+                message = (f"interrupted during epoch {epoch}; the checkpoint of epoch {self.saved_epoch} "
+                           f"is kept in {self.path}; continue with --resume")
+            else:
+                kept = f"; the previous run in {self.path} is kept" if self.staging is not None else ""
+                message = f"interrupted during epoch 1, before the first checkpoint{kept}"
+            raise Interrupted(message) from None
+
+
+def prepare_run_dir(folder: Path, overwrite: bool, resume: bool) -> RunFolder:
+    """Refuse to clobber a finished or interrupted run unless asked (see RunFolder)."""
+    return RunFolder(folder, overwrite, resume)
+
+
+# Arguments that may differ when a run is resumed: where it writes and reads, how this invocation
+# is steered, the device (the numbers agree to float rounding) and the options that only change
+# evaluation. Every other field changes the numbers, so --resume refuses any change to it.
+RESUME_MAY_DIFFER = frozenset({
+    "out", "root", "download", "resume", "overwrite", "eval_only", "benchmark", "stop_after_epoch",
+    "device", "eval_every", "robustness", "infer_context", "test_batch_size", "predict", "predictions"})
+
+
+def check_resume(saved_args: dict, args) -> None:
+    """Refuse to resume with a setting that changes the numbers (workers and precision included)."""
+    changed = [f"--{f.name.replace('_', '-')} {saved_args.get(f.name)} -> {getattr(args, f.name)}"
+               for f in dataclasses.fields(args)
+               if f.name not in RESUME_MAY_DIFFER and saved_args.get(f.name) != getattr(args, f.name)]
+    if changed:
+        raise UserError(f"--resume with different settings ({', '.join(changed)}) than the checkpoint; "
+                        f"use the run's settings or --overwrite")
+
+
+# The shared numeric arguments and their smallest allowed value (None: the method's default).
+MINIMUM = {"shots": 1, "epochs": 1, "batch_size": 1, "test_batch_size": 1, "seed": 0, "workers": 0,
+           "stop_after_epoch": 0, "eval_every": 0}
+
+
+def validate_args(args) -> None:
+    """Check the shared arguments before anything is loaded, the same way in both methods."""
+    for name, low in MINIMUM.items():
+        value = getattr(args, name, None)
+        if value is not None and (type(value) is not int or value < low):
+            raise UserError(f"--{name.replace('_', '-')} must be a whole number >= {low}, not {value}")
+
+
+# What evaluation, prediction and summaries need from a finished run: the optimiser and random
+# states are dropped when a run ends (for BiomedAP they double the folder's size).
+FINISHED_CHECKPOINT_KEYS = ("trainable", "args", "epoch", "history")
+
+
+def finish_checkpoint(path: Path):
+    """Rewrite a finished run's checkpoint with only FINISHED_CHECKPOINT_KEYS (atomically)."""
+    state = load_checkpoint(path)
+    save_checkpoint(Path(path) / "checkpoint.pt" if Path(path).is_dir() else path,
+                    {k: state[k] for k in FINISHED_CHECKPOINT_KEYS if k in state})
 
 
 def atomic_write_json(path: Path, obj):
@@ -525,13 +623,20 @@ def write_metrics(folder: Path, args, metrics: dict, timings: dict, extra: dict 
 
 
 def run_cli(main, args_cls, description: str = "", argv=None):
-    """Parse the arguments, run `main(args)`, and turn a UserError into one line and exit 2."""
+    """Parse the arguments, run `main(args)`; a UserError becomes one line and exit 2, Ctrl-C one
+    line and exit 130 (the shell's code for SIGINT)."""
     args = parse_args(args_cls, argv, description)
     try:
         return main(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 # --------------------------------------------------------------------------- summaries
@@ -672,9 +777,41 @@ def benchmark_report(step_fn, floor_fn, device, extra: dict | None = None, warmu
     return report
 
 
-if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "summarize":
-        print(summarize(sys.argv[2] if len(sys.argv) > 2 else "runs"))
-    else:
-        print("usage: python common.py summarize [RUNS_DIR]", file=sys.stderr)
+# --------------------------------------------------------------------------- setup check
+def check_setup(argv=None):
+    """`python common.py check --datasets A B [--backbone NAME] [--root DIR] [--download]`: what a
+    sweep needs, checked once before its first job: the backbone loads, and every dataset is there
+    (downloaded once with --download), its images open and its class text covers its classes."""
+    import data
+    parser = argparse.ArgumentParser(prog="python common.py check", description=check_setup.__doc__)
+    parser.add_argument("--datasets", nargs="+", required=True)
+    parser.add_argument("--backbone", default="biomedclip")
+    parser.add_argument("--root", default="data")
+    parser.add_argument("--download", action="store_true")
+    args = parser.parse_args(argv)
+    load_backbone(args.backbone, "cpu")
+    for name in args.datasets:
+        splits = data.load_splits(name, args.root, args.download)
+        data.load_class_text(name, splits.classnames, args.root)
+    print(f"setup ok: backbone {args.backbone}, datasets {' '.join(args.datasets)}", file=sys.stderr)
+
+
+def cli(argv):
+    """python common.py summarize [RUNS_DIR] | check ..."""
+    try:
+        if argv[:1] == ["summarize"]:
+            print(summarize(argv[1] if len(argv) > 1 else "runs"))
+        elif argv[:1] == ["check"]:
+            check_setup(argv[1:])
+        else:
+            print("usage: python common.py summarize [RUNS_DIR] | check --datasets A B [--backbone NAME] "
+                  "[--root DIR] [--download]", file=sys.stderr)
+            sys.exit(2)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    import common  # the module data.py imports: its UserError is the class that gets raised
+    common.cli(sys.argv[1:])

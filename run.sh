@@ -52,13 +52,14 @@ method_dir() {  # the folder the method writes to: biomedap, biomedap-official o
   echo "$m"
 }
 
-JOBS=()
+JOBS=(); DATASETS_USED=()
 quoted() { local out; printf -v out '%q ' "$@"; echo "${out% }"; }  # one shell-safe line
 add_job() {  # METHOD DATASET SHOTS SEED PROTOCOL(fewshot|base2novel|robustness)
   local m=$1 d=$2 k=$3 s=$4 p=$5 sub="" flags=()
   [[ $p == base2novel ]] && { sub="_base2novel"; flags+=(--subsample base); }
   [[ $p == robustness ]] && flags+=(--robustness)
   local dir="$OUT/$(method_dir "$m")/$d/${k}shot$sub/seed$s"
+  [[ " ${DATASETS_USED[*]-} " == *" $d "* ]] || DATASETS_USED+=("$d")
   if [[ -f $dir/metrics.json ]]; then
     # a robustness job needs the robustness block; a plain finished run is re-evaluated for it
     if [[ $p != robustness ]] || grep -q '"robustness"' "$dir/metrics.json"; then return; fi
@@ -76,9 +77,23 @@ sweep() {  # METHOD PROTOCOL DATASETS SHOTS SEEDS
   for d in $3; do for k in $4; do for s in $5; do add_job "$m" "$d" "$k" "$s" "$p"; done; done; done
 }
 
+preflight() {  # once, before any job: the backbone loads and every dataset is there (or downloads once)
+  local flags=() prev="" a
+  for a in "${EXTRA[@]+"${EXTRA[@]}"}"; do
+    case "$prev" in --backbone|--root) flags+=("$prev" "$a") ;; esac
+    case "$a" in --backbone=*|--root=*|--download) flags+=("$a") ;; esac
+    prev=$a
+  done
+  if ! $PYTHON common.py check --datasets "${DATASETS_USED[@]}" "${flags[@]+"${flags[@]}"}"; then
+    echo "the sweep did not start: fix the setup error above, then run it again" >&2; exit 2
+  fi
+}
+
 run_jobs() {  # run the job list (sequentially, or one worker per GPU), then the summary
   if ((DRY)); then printf '%s\n' "${JOBS[@]+"${JOBS[@]}"}"; return; fi
   local n=${#JOBS[@]} failures
+
+  ((n)) && preflight
   failures=$(mktemp)
   echo "$n jobs to run" >&2
   local gpus=(${GPUS:-""}) i

@@ -68,6 +68,38 @@ def test_unknown_and_unreachable_backbones_give_one_line_errors(tmp_path):
         common.load_backbone("biomedclip")
     with pytest.raises(UserError, match="open_clip_config.json"):
         common.load_backbone(f"local-dir:{tmp_path}")
+    with pytest.raises(UserError, match=r"local-dir folder /does/not/exist does not exist"):
+        common.load_backbone("local-dir:/does/not/exist")
+
+
+def test_hub_error_keeps_the_whole_reason_on_one_line(monkeypatch):
+    import open_clip
+    reason = "first line of a long reason " * 12 + "\n  and the part that matters: repository not found"
+
+    def fail(*a, **k):
+        raise OSError(reason)
+    monkeypatch.setattr(open_clip, "create_model", fail)
+    with pytest.raises(UserError) as error:
+        common.load_backbone("hf-hub:org/repo")
+    message = str(error.value)
+    assert "\n" not in message and "and the part that matters: repository not found)" in message
+
+
+def test_local_dir_with_an_openai_clip_folder_loads_offline(tmp_path, backbones):
+    """The README's offline recipe for OpenAI CLIP: open_clip_config.json + safetensors weights."""
+    from safetensors.torch import save_file
+    tiny = backbones("tiny-clip")
+    save_file({k: v.contiguous() for k, v in tiny.model.state_dict().items()},
+              str(tmp_path / "open_clip_model.safetensors"))
+    cfg = {"model_cfg": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "patch_size": 8,
+                                                         "head_width": 32},
+                         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 48, "heads": 2,
+                                      "layers": 2}},
+           "preprocess_cfg": {"mean": list(common.OPENAI_MEAN), "std": list(common.OPENAI_STD)}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(cfg))
+    bb = common.load_backbone(f"local-dir:{tmp_path}")
+    x = torch.randn(2, 3, 32, 32)
+    assert bb.kind == "openclip" and torch.allclose(bb.encode_image(x), tiny.encode_image(x), atol=1e-6)
 
 
 def test_local_dir_loads_offline_with_text_config_in_the_folder(tmp_path, backbones):
@@ -181,8 +213,56 @@ def test_run_folder_refuses_to_clobber(tmp_path):
     common.atomic_write_json(folder / "metrics.json", {"metrics": {}})
     with pytest.raises(UserError, match="--overwrite"):
         common.prepare_run_dir(folder, overwrite=False, resume=False)
-    common.prepare_run_dir(folder, overwrite=True, resume=False)
-    assert not (folder / "metrics.json").exists()
+    with pytest.raises(UserError, match="contradict"):
+        common.prepare_run_dir(folder, overwrite=True, resume=True)
+    # --overwrite keeps the old run until the new one has a checkpoint, then replaces it whole
+    before = (folder / "checkpoint.pt").read_bytes()
+    run = common.prepare_run_dir(folder, overwrite=True, resume=False)
+    assert (folder / "metrics.json").exists() and (folder / "checkpoint.pt").read_bytes() == before
+    run.save_checkpoint({"x": torch.zeros(3)})
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt"]
+    assert torch.equal(common.load_checkpoint(folder)["x"], torch.zeros(3))
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["seed1"]  # no staging folder left
+
+
+def test_resume_refuses_changes_that_change_the_numbers():
+    @dataclasses.dataclass
+    class A:
+        shots: int = 4
+        workers: int = 4
+        precision: str = "fp32"
+        device: str = "auto"
+        out: str = "runs"
+        robustness: bool = False
+    saved = dataclasses.asdict(A())
+    common.check_resume(saved, A(device="cpu", out="elsewhere", robustness=True))  # allowed to differ
+    for changed in (A(workers=0), A(precision="bf16"), A(shots=8)):
+        with pytest.raises(UserError, match="different settings"):
+            common.check_resume(saved, changed)
+
+
+def test_shared_arguments_are_validated():
+    @dataclasses.dataclass
+    class A:
+        shots: int = 4
+        epochs: object = None
+        batch_size: object = None
+        seed: int = 1
+        workers: int = 0
+    common.validate_args(A())
+    for bad in (A(shots=0), A(shots=-1), A(epochs=0), A(epochs=2.5), A(batch_size=0), A(seed=-3), A(workers=-1)):
+        with pytest.raises(UserError, match="must be a whole number"):
+            common.validate_args(bad)
+
+
+def test_finished_checkpoint_keeps_only_what_evaluation_needs(tmp_path):
+    common.save_checkpoint(tmp_path / "checkpoint.pt", {
+        "trainable": {"w": torch.ones(1000)}, "args": {"a": 1}, "epoch": 2, "optimizer": {"m": torch.ones(1000)},
+        "rng": common.rng_state()})
+    full = (tmp_path / "checkpoint.pt").stat().st_size
+    common.finish_checkpoint(tmp_path)
+    slim = common.load_checkpoint(tmp_path)
+    assert set(slim) == {"trainable", "args", "epoch"} and (tmp_path / "checkpoint.pt").stat().st_size < full / 2
 
 
 def test_checkpoint_round_trip_and_clear_errors(tmp_path):

@@ -1,0 +1,130 @@
+"""Nothing lost, nothing silent, for both methods: --overwrite keeps a finished run until the
+new run has a checkpoint, --resume refuses changes that change the numbers, Ctrl-C leaves one
+line and the last checkpoint, finished folders keep only what evaluation needs, and the shared
+arguments are checked before anything is loaded."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import biomedap
+import biomedvr
+import common
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = {"biomedap": biomedap, "biomedvr": biomedvr}
+TINY = ["--dataset", "synthetic", "--backbone", "tiny", "--shots", "2", "--epochs", "1", "--workers", "0",
+        "--device", "cpu"]
+
+
+def cli(module, argv):
+    """run_cli as the command line runs it: the return value, or the exit code on SystemExit."""
+    try:
+        return module.__name__, common.run_cli(module.main, module.Args, argv=argv)
+    except SystemExit as exit_:
+        return module.__name__, exit_.code
+
+
+def folder_of(name, out):
+    return common.run_dir(str(out), name, "synthetic", 2, 1)
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_overwrite_that_fails_to_start_keeps_the_finished_run(name, tmp_path, capsys):
+    module, out = METHODS[name], tmp_path / "runs"
+    cli(module, TINY + ["--out", str(out)])
+    folder = folder_of(name, out)
+    before = snapshot(folder)
+    assert set(before) == {"metrics.json", "checkpoint.pt"}
+    for bad in (["--backbone", "local-dir:/does/not/exist"], ["--dataset", "no_such_dataset_here"]):
+        assert cli(module, TINY + ["--out", str(out), "--overwrite"] + bad)[1] == 2
+        assert "error:" in capsys.readouterr().err
+        assert snapshot(folder) == before  # byte-identical
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["seed1"]
+    # a finished folder holds the trainable tensors and the arguments, not optimiser or random states
+    assert set(common.load_checkpoint(folder)) <= set(common.FINISHED_CHECKPOINT_KEYS)
+    # an --overwrite that does start replaces the old run
+    cli(module, TINY + ["--out", str(out), "--overwrite", "--seed", "1"])
+    assert set(snapshot(folder)) == {"metrics.json", "checkpoint.pt"}
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("change", [["--workers", "1"], ["--precision", "bf16"], ["--shots", "2", "--seed", "1",
+                                                                                   "--epochs", "3"]])
+def test_resume_refuses_every_change_that_changes_the_numbers(name, change, tmp_path, capsys):
+    module, out = METHODS[name], tmp_path / "runs"
+    argv = TINY[:-6] + ["--epochs", "2", "--workers", "0", "--device", "cpu", "--out", str(out)]
+    cli(module, argv + ["--stop-after-epoch", "1"])
+    code = cli(module, argv + change + ["--resume"])[1]
+    err = capsys.readouterr().err
+    assert code == 2 and ("different settings" in err or "bf16 needs a CUDA" in err)
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("bad", [["--shots", "0"], ["--shots", "-1"], ["--epochs", "0"], ["--batch-size", "0"],
+                                 ["--seed", "-1"], ["--workers", "-2"]])
+def test_shared_arguments_are_checked_before_anything_loads(name, bad, tmp_path, capsys, monkeypatch):
+    module = METHODS[name]
+    monkeypatch.setattr(common, "load_backbone", lambda *a, **k: pytest.fail("loaded a backbone"))
+    assert cli(module, TINY + ["--out", str(tmp_path)] + bad)[1] == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --") and "must be a whole number" in err and "\n" not in err
+    assert not (tmp_path / name).exists()
+
+
+def test_ctrl_c_in_process_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    calls = []
+    real = biomedvr.train_one_epoch
+
+    def interrupt_in_epoch_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(biomedvr, "train_one_epoch", interrupt_in_epoch_3)
+    argv = TINY[:-6] + ["--epochs", "5", "--workers", "0", "--device", "cpu", "--out", str(tmp_path)]
+    assert cli(biomedvr, argv)[1] == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"interrupted during epoch 3; the checkpoint of epoch 2 is kept in {folder_of('biomedvr', tmp_path)}; "
+        f"continue with --resume")
+    assert common.load_checkpoint(folder_of("biomedvr", tmp_path))["epoch"] == 2
+
+
+def test_sigint_during_training_exits_130_with_one_line(tmp_path):
+    argv = [sys.executable, "-u", str(REPO / "biomedap.py"), *TINY[:-6], "--epochs", "500", "--workers", "0",
+            "--device", "cpu", "--out", str(tmp_path)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    for line in proc.stdout:  # wait for the second epoch's line: a checkpoint exists
+        if line.startswith("epoch 2/") or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and lines[-1].startswith("interrupted during epoch ")
+    epoch = int(lines[-1].split()[3].rstrip(";"))
+    assert f"the checkpoint of epoch {epoch - 1} is kept" in lines[-1] and lines[-1].endswith("continue with --resume")
+    assert common.load_checkpoint(folder_of("biomedap", tmp_path))["epoch"] == epoch - 1
+
+
+def test_sweep_stops_at_a_setup_error_before_any_job(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "runs"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(["bash", str(REPO / "run.sh"), "fewshot", "biomedvr", "btmri busi", "1", "1 2", "--",
+                           "--root", str(tmp_path / "nowhere"), "--backbone", "tiny"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.count("error: dataset btmri not found") == 1 and "jobs to run" not in done.stderr
+    assert not (tmp_path / "runs").exists()
+    ok = subprocess.run([sys.executable, str(REPO / "common.py"), "check", "--datasets", "synthetic", "--backbone",
+                         "tiny"], capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0 and "setup ok" in ok.stderr
