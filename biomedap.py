@@ -76,10 +76,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (UserError, arg, autocast, benchmark_report, check_resume, class_centroids,
-                    classification_metrics, encode_sentences, finish_checkpoint, harmonic_mean,
-                    load_backbone, load_checkpoint, prepare_run_dir, resolve_device, rng_state, run_cli,
-                    run_dir, seed_everything, set_rng_state, time_ms, validate_args, write_metrics)
+from common import (Predictor, UserError, arg, autocast, benchmark_report, check_resume, class_centroids,
+                    classification_metrics, encode_sentences, finish_checkpoint, harmonic_mean, list_arg,
+                    load_backbone, load_checkpoint, load_finished_run, predict_cli, prepare_run_dir,
+                    resolve_device, rng_state, run_cli, run_dir, seed_everything, set_rng_state, time_ms,
+                    validate_args, write_metrics)
 from data import (ImageDataset, build_transform, few_shot_splits, load_class_text, load_splits,
                   make_loader, subsample_classes, synthetic_class_text)
 
@@ -127,8 +128,8 @@ class Args:
     n_ctx: int = arg(None, "M learned context tokens; none: official per-dataset value, else all ctx_init tokens")
     n_prompts: int = arg(None, "expert descriptions per class in the high anchor; none: 40 few-shot, 50 b2n")
     prompt_tokens: int = arg(4, "P visual prompt tokens (official 4)")
-    fusion_layers: list = dataclasses.field(default_factory=list, metadata={  # a list: arg() takes no factory
-        "help": "blocks that get the gated fusion (0-based); empty: 5 and 8 of 12, scaled to the depth"})
+    fusion_layers: list = list_arg(int, "blocks that get the gated fusion (0-based); empty: 5 and 8 of 12, "
+                                        "scaled to the depth")
     fusion_heads: int = arg(8, "heads of the fusion cross-attention (official 8)")
     fusion_dropout: float = arg(0.1, "dropout in the fusion attention and feed-forward (official 0.1)")
     lambda_high: float = arg(None, "weight of L1 to the high anchor; none: official per-dataset table")
@@ -140,6 +141,9 @@ class Args:
     robustness: bool = arg(False, "also evaluate under prompt perturbations (see the docstring)")
     eval_only: str = arg("", "RUN_DIR: evaluate that run's checkpoint with its saved arguments (evaluation "
                              "options given here win) and rewrite its metrics.json")
+    predict: list = list_arg(str, "RUN_DIR IMAGE_OR_FOLDER...: classify new images with a finished run "
+                                  "(top 3 classes per image)")
+    predictions: str = arg("", "with --predict: also write one CSV row per image to this file")
     resume: bool = arg(False, "continue an interrupted run from its checkpoint")
     overwrite: bool = arg(False, "replace a finished run in the same folder")
     stop_after_epoch: int = arg(0, "for testing interruption: stop after this epoch without evaluating")
@@ -541,6 +545,8 @@ def main(args):
         return benchmark(args)
     if args.eval_only:
         return eval_only(args)
+    if args.predict:
+        return predict_cli(args, load_run)
     validate_args(args)
     device = resolve_device(args.device)
     autocast(args.precision, device)  # refuses bf16 without CUDA before anything is loaded
@@ -584,7 +590,8 @@ def main(args):
             run.save_checkpoint({
                 "trainable": {n: p.detach().cpu() for n, p in trainable(model).items()}, "args": asdict(args),
                 "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "lr": optimizer.param_groups[0]["lr"],
-                "rng": rng_state(), "loader_generator": loader.generator.get_state()})
+                "rng": rng_state(), "loader_generator": loader.generator.get_state(),
+            "classnames": train_splits.classnames})
             if args.stop_after_epoch and epoch + 1 >= args.stop_after_epoch:
                 print(f"stopped after epoch {epoch + 1} (--stop-after-epoch); continue with --resume")
                 return None
@@ -632,6 +639,22 @@ def eval_only(cli):
     write_metrics(folder, args, metrics, timings, extra)
     print(f"metrics: {summary_line(metrics)} -> {old}")
     return metrics
+
+
+def load_run(run_dir, device="cpu", backbone=None):
+    """A finished run as a `common.Predictor`: `load_run(RUN_DIR)(images)` gives each image's class
+    probabilities. Needs the run folder, the backbone and the class text only."""
+    ckpt, args = load_finished_run(run_dir, Args)
+    classnames = ckpt["classnames"]
+    backbone = backbone or load_backbone(args.backbone, device)
+    text = load_class_text(args.dataset, classnames, args.root)
+    cfg = resolve(args, args.dataset, backbone, text["ctx_init"])
+    if ckpt["epoch"] < cfg["epochs"]:
+        raise UserError(f"{run_dir} is unfinished (epoch {ckpt['epoch']} of {cfg['epochs']}): finish it with --resume")
+    model = build_model(backbone, classnames, text, cfg, args, device)
+    model.load_state_dict(ckpt["trainable"], strict=True)
+    transform = build_transform(backbone.image_size, backbone.mean, backbone.std, train=False)
+    return Predictor(model, transform, classnames, device)
 
 
 def benchmark(args):

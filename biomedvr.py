@@ -84,6 +84,9 @@ class Args:
     eval_every: int = arg(0, "also evaluate the test set every N epochs (0: only at the end); "
                           "the best of these is reported as test-selected")
     eval_only: str = arg("", "RUN_DIR: evaluate its checkpoint and print the metrics")
+    predict: list = common.list_arg(str, "RUN_DIR IMAGE_OR_FOLDER...: classify new images with a finished run "
+                                         "(top 3 classes per image)")
+    predictions: str = arg("", "with --predict: also write one CSV row per image to this file")
     resume: bool = arg(False, "continue the run from its checkpoint")
     overwrite: bool = arg(False, "replace a finished or unfinished run")
     stop_after_epoch: int = arg(0, "testing: stop after this epoch, leaving only the checkpoint")
@@ -306,6 +309,8 @@ def main(args):
         return benchmark(args)
     if args.eval_only:
         return eval_only(args)
+    if args.predict:
+        return common.predict_cli(args, load_run)
     start = time.perf_counter()
     common.validate_args(args)
     device = common.resolve_device(args.device)
@@ -362,7 +367,8 @@ def main(args):
             run.save_checkpoint({
                 "trainable": trainable_state(model), "args": asdict(args), "epoch": epoch,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": common.rng_state(), "loader_generator": loader.generator.get_state(), "history": history})
+                "rng": common.rng_state(), "loader_generator": loader.generator.get_state(), "history": history,
+                "classnames": train.classnames})
     bar.close()
     if last < args.epochs:
         print(f"stopped after epoch {last} as asked; continue with --resume")
@@ -410,6 +416,28 @@ def eval_only(args):
     metrics = final_metrics(model, backbone, evals, loaders, run_args, device)
     print(summary_line(metrics))
     return metrics
+
+
+def load_run(run_dir, device="cpu", backbone=None):
+    """A finished run as a `common.Predictor`: `load_run(RUN_DIR)(images)` gives each image's class
+    probabilities, the top class of each expert and the gate. Needs the run folder, the backbone
+    and the class text only (the attribute banks are redrawn from the run's seed)."""
+    ckpt, args = common.load_finished_run(run_dir, Args)
+    if ckpt["epoch"] < args.epochs:
+        raise UserError(f"{run_dir} is unfinished (epoch {ckpt['epoch']} of {args.epochs}): finish it with --resume")
+    classnames = ckpt["classnames"]
+    backbone = backbone or common.load_backbone(args.backbone, device)
+    class_text = data.load_class_text(args.dataset, classnames, args.root)
+    model = build_model(backbone, class_text, classnames, args, device)
+    load_trainable(model, ckpt["trainable"])
+    S = backbone.image_size
+
+    def experts(out, names):
+        gate = "/".join(f"{g:.3f}" for g in out["gate"].tolist())
+        return {"positive_expert": [names[i] for i in out["s_plus"].argmax(-1).tolist()],
+                "negative_expert": [names[i] for i in out["s_minus"].argmax(-1).tolist()],
+                "gate": [gate] * len(out["logits"])}
+    return common.Predictor(model, data.build_transform(S - 2 * frame_width(args, S)), classnames, device, experts)
 
 
 def benchmark(args):

@@ -356,6 +356,11 @@ def arg(default, help: str, choices=None):
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
+def list_arg(kind, help: str):
+    """A list field of an Args dataclass (empty by default): `--flag A B C`."""
+    return dataclasses.field(default_factory=list, metadata={"help": help, "type": kind})
+
+
 def build_parser(args_cls, description: str = "") -> argparse.ArgumentParser:
     """argparse from a dataclass: field `foo_bar` becomes `--foo-bar`; bools become
     `--foo/--no-foo`; list fields take several values; Optional fields accept `none`."""
@@ -368,7 +373,7 @@ def build_parser(args_cls, description: str = "") -> argparse.ArgumentParser:
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif isinstance(default, list):
-            kind = type(default[0]) if default else int
+            kind = f.metadata.get("type") or (type(default[0]) if default else int)
             parser.add_argument(flag, nargs="*", type=kind, default=default, help=help_)
         elif default is None:
             parser.add_argument(flag, type=_none_or_number, default=None, help=help_, choices=choices)
@@ -562,7 +567,7 @@ def validate_args(args) -> None:
 
 # What evaluation, prediction and summaries need from a finished run: the optimiser and random
 # states are dropped when a run ends (for BiomedAP they double the folder's size).
-FINISHED_CHECKPOINT_KEYS = ("trainable", "args", "epoch", "history")
+FINISHED_CHECKPOINT_KEYS = ("trainable", "args", "epoch", "history", "classnames")
 
 
 def finish_checkpoint(path: Path):
@@ -775,6 +780,93 @@ def benchmark_report(step_fn, floor_fn, device, extra: dict | None = None, warmu
               "threads": torch.get_num_threads()}
     print(json.dumps(report))
     return report
+
+
+# --------------------------------------------------------------------------- prediction
+class Predictor:
+    """A finished run, ready for new images: `predictor(images)` with a list of image paths or PIL
+    images returns {"classnames": [...], "probabilities": (B, C)} plus the method's own
+    per-image extras (e.g. BioMedVR's experts). Built by each method's `load_run(RUN_DIR)`."""
+
+    def __init__(self, model, transform, classnames, device, extras=None):
+        self.model, self.transform, self.classnames = model.eval(), transform, list(classnames)
+        self.device, self.extras = torch.device(device), extras
+
+    @torch.no_grad()
+    def __call__(self, images):
+        import data
+        images = [data.open_image(str(im)) if isinstance(im, (str, Path)) else data.to_rgb(im) for im in images]
+        x = torch.stack([self.transform(im) for im in images]).to(self.device)  # (B, 3, H, W)
+        out = self.model(x)
+        result = {"classnames": self.classnames, "probabilities": out["logits"].float().softmax(-1).cpu()}
+        if self.extras is not None:
+            result.update(self.extras(out, self.classnames))
+        return result
+
+
+def load_finished_run(run_dir, args_cls):
+    """The checkpoint and the training arguments of a finished run folder, for evaluation and
+    prediction; refuses a run of the other method or one without its class names."""
+    ckpt = load_checkpoint(run_dir)
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    foreign = sorted(set(ckpt.get("args", {})) - names)
+    if "args" not in ckpt or foreign:
+        raise UserError(f"{run_dir} was not written by this method (its arguments include "
+                        f"{', '.join(foreign) or 'nothing'}): use the other method's script")
+    if "classnames" not in ckpt:
+        raise UserError(f"{run_dir} holds no class names (written by an older version): train it again")
+    return ckpt, args_cls(**{k: v for k, v in ckpt["args"].items() if k in names})
+
+
+def find_images(inputs) -> list:
+    """Image files named on the command line: files as given, folders searched recursively."""
+    import data
+    found = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                            and p.suffix.lower() in data.IMAGE_EXTENSIONS)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UserError(f"{name} is neither an image file nor a folder")
+    if not found:
+        raise UserError(f"no image files ({', '.join(sorted(data.IMAGE_EXTENSIONS))}) in {' '.join(map(str, inputs))}")
+    return found
+
+
+def predict_cli(args, load_run, batch_size: int = 32):
+    """`--predict RUN_DIR IMAGE_OR_FOLDER...`: the top 3 classes of each image, printed, and with
+    `--predictions FILE.csv` one row per image (path, predicted class, every class's probability,
+    the method's extras), written atomically."""
+    if len(args.predict) < 2:
+        raise UserError("--predict needs the run folder and then at least one image or folder: "
+                        "--predict RUN_DIR IMAGE_OR_FOLDER...")
+    predictor = load_run(args.predict[0], device=resolve_device(args.device))
+    paths, rows = find_images(args.predict[1:]), []
+    for start in range(0, len(paths), batch_size):
+        batch = paths[start:start + batch_size]
+        out = predictor(batch)
+        extra_keys = [k for k in out if k not in ("classnames", "probabilities")]
+        for i, (path, probs) in enumerate(zip(batch, out["probabilities"])):
+            top = probs.topk(min(3, len(probs)))
+            extras = {k: out[k][i] for k in extra_keys}
+            print(f"{path}: " + ", ".join(f"{predictor.classnames[c]} {p:.3f}" for p, c in zip(*top)) +
+                  "".join(f"; {k.replace('_', ' ')} {v}" for k, v in extras.items()))
+            rows.append({"path": str(path), "predicted": predictor.classnames[int(top.indices[0])],
+                         **{f"p({c})": f"{float(p):.6f}" for c, p in zip(predictor.classnames, probs)}, **extras})
+    if args.predictions:
+        target = Path(args.predictions)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, target)
+        print(f"{len(rows)} predictions -> {target}")
+    return rows
 
 
 # --------------------------------------------------------------------------- setup check
