@@ -23,6 +23,7 @@ import tempfile
 import zipfile
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
@@ -201,8 +202,11 @@ def check_images_open(items, source) -> None:
     """
     paths = [item.path for item in items if not item.path.startswith("synthetic:")]
     decoded = {}
-    failed = [(path, why) for path in tqdm(paths, desc="checking images", leave=False, disable=len(paths) < 5000)
-              if (why := image_problem(path, decoded))]
+    # Threads: the decoders release the GIL, and on network storage the reads overlap.
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        problems = list(tqdm(pool.map(lambda path: image_problem(path, decoded), paths), total=len(paths),
+                             desc="checking images", leave=False, disable=len(paths) < 5000))
+    failed = [(path, why) for path, why in zip(paths, problems) if why]
     if failed:
         path, why = failed[0]
         raise UserError(f"{len(failed)} of {len(paths)} image file(s) of {source} cannot be opened, the first "
@@ -556,7 +560,7 @@ def _dicom_to_rgb(ds, pixels, path):
     if pixels.ndim == (3 if colour else 2) + 1:
         pixels = pixels[len(pixels) // 2]  # (frames, rows, cols[, 3]) -> the middle frame
     if colour:
-        # pydicom hands colour pixels over as RGB (it converts YBR); only the bit depth is ours.
+        # pydicom 3 hands colour pixels over as RGB (it converts YBR); only the bit depth is ours.
         if pixels.dtype != np.uint8:
             pixels = pixels.astype(np.float64) * (255 / (2 ** int(ds.get("BitsStored", 16)) - 1))
         return Image.fromarray(pixels.round().astype(np.uint8), "RGB")
