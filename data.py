@@ -18,9 +18,12 @@ import os
 import random
 import shutil
 import stat
+import sys
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 from PIL import Image
+from tqdm import tqdm
 
 from common import UserError
 
@@ -64,7 +68,7 @@ CLASSNAMES = {
 HF_REPO = "TahaKoleilat/BiomedCoOp"
 MAX_EXTRACT_BYTES = 50 * 10**9
 SPLIT_NAMES = ("train", "val", "test")
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm"}
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 
 
@@ -142,7 +146,89 @@ def _check_images_exist(parts, source):
                         f"{missing[0]}; fix the split file or the image folder")
 
 
+def image_problem(path: str, decoded: dict | None = None) -> str | None:
+    """Why `path` would not open as an image, or None; far cheaper than decoding every pixel.
+
+    PNG: every chunk's checksum (catches truncation and corruption). JPEG: a decode at 1/8
+    scale (reads the whole stream). DICOM: the header, and pixel data of the declared size when
+    uncompressed; compressed, one file per kind of compression is decoded, remembered in `decoded`.
+    Others: a full decode.
+    """
+    if not os.path.isfile(path):
+        return "the file does not exist"
+    try:
+        if Path(path).suffix.lower() == ".dcm":
+            return _dicom_problem(path, {} if decoded is None else decoded)
+        with Image.open(path) as image:
+            if image.format == "PNG":
+                image.verify()
+            else:
+                if image.format == "JPEG":
+                    image.draft("L", (1, 1))  # the smallest DCT scale: still every byte, an 8th of the work
+                image.load()
+    except Exception as error:  # any of them would stop training later; report it now
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _dicom_problem(path, decoded):
+    import pydicom  # only needed for .dcm files
+
+    ds = pydicom.dcmread(path)
+    if "PixelData" not in ds:
+        return "it has no pixel data"
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax is not None and syntax.is_compressed:
+        # A decoder reads all files of one compression and bit depth, or none of them.
+        kind = (str(syntax), ds.get("BitsStored"), ds.get("SamplesPerPixel"))
+        if kind not in decoded:
+            try:
+                open_dicom(path)
+                decoded[kind] = None
+            except UserError as error:
+                decoded[kind] = str(error)
+        return decoded[kind]
+    frames = int(ds.get("NumberOfFrames") or 1)
+    size = math.ceil(ds.Rows * ds.Columns * int(ds.get("SamplesPerPixel", 1)) * frames * ds.BitsAllocated / 8)
+    if len(ds.PixelData) < size:
+        return f"its pixel data is truncated ({len(ds.PixelData)} of {size} bytes)"
+    return None
+
+
+def check_images_open(items, source) -> None:
+    """Raise UserError naming how many images of `items` would not open, the first and why.
+
+    Run before training so that an unreadable test image fails in seconds, not after hours.
+    """
+    paths = [item.path for item in items if not item.path.startswith("synthetic:")]
+    decoded = {}
+    # Threads: the decoders release the GIL, and on network storage the reads overlap.
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        problems = list(tqdm(pool.map(lambda path: image_problem(path, decoded), paths), total=len(paths),
+                             desc="checking images", leave=False, disable=len(paths) < 5000))
+    failed = [(path, why) for path, why in zip(paths, problems) if why]
+    if failed:
+        path, why = failed[0]
+        raise UserError(f"{len(failed)} of {len(paths)} image file(s) of {source} cannot be opened, the first "
+                        f"is {path}: {why}; fix or remove them before training")
+
+
 # ---------------------------------------------------------------- loading a dataset
+
+def dataset_key(dataset: str) -> str:
+    """The one name of a dataset, for run folders and summaries.
+
+    A benchmark in any case (`BUSI`, `Busi`) gives its registry name (`busi`), `synthetic` gives
+    itself, and a folder its own name after resolving (`.` and `./mine/` give the folder's name).
+    """
+    dataset = str(dataset)
+    if dataset.lower() == "synthetic" or dataset.lower() in DATASETS:
+        return dataset.lower()
+    name = Path(dataset).resolve().name
+    if not name:
+        raise UserError(f"dataset folder {dataset} has no name (the file system root): use a sub-folder")
+    return name
+
 
 def load_splits(dataset: str, root: str = "data", download: bool = False, split_seed: int = 0,
                 image_size: int = 224) -> Splits:
@@ -153,7 +239,7 @@ def load_splits(dataset: str, root: str = "data", download: bool = False, split_
     synthetic images.
     """
     dataset = str(dataset)
-    if dataset == "synthetic":
+    if dataset.lower() == "synthetic":
         return _synthetic_splits(image_size)
     if dataset.lower() in DATASETS:
         return _benchmark_splits(dataset.lower(), Path(root), download)
@@ -176,19 +262,31 @@ def _benchmark_splits(name, root, download):
                 f"huggingface.co/datasets/{HF_REPO}, or unzip {folder.name}.zip there by hand")
         download_dataset(name, root)
     parts = read_split_file(split_path)
-    _check_images_exist(parts, split_path)
-    return Splits(**parts, classnames=_classnames(sum(parts.values(), [])), name=name)
+    splits = Splits(**parts, classnames=_classnames(sum(parts.values(), [])), name=name)
+    check_every_class_trains(splits, split_path)
+    check_images_open(sum(parts.values(), []), split_path)
+    return splits
 
 
 def _folder_splits(folder, seed):
     split_path = folder / "split.json"
     if split_path.is_file():
-        parts = read_split_file(split_path, image_dir=folder)
-        _check_images_exist(parts, split_path)
+        source, parts = split_path, read_split_file(split_path, image_dir=folder)
     else:
-        parts = _stratified_split(folder, seed)
-    return Splits(**parts, classnames=_classnames(sum(parts.values(), [])),
-                  name=folder.resolve().name)
+        source, parts = folder, _stratified_split(folder, seed)
+    splits = Splits(**parts, classnames=_classnames(sum(parts.values(), [])), name=dataset_key(str(folder)))
+    check_every_class_trains(splits, source)
+    check_images_open(sum(parts.values(), []), source)
+    return splits
+
+
+def check_every_class_trains(splits: Splits, source) -> None:
+    """A class with no training image would get a zero prototype and an untrained prompt: refuse it."""
+    trained = {item.label for item in splits.train}
+    empty = [name for label, name in enumerate(splits.classnames) if label not in trained]
+    if empty:
+        raise UserError(f"class(es) {', '.join(repr(n) for n in empty)} of {source} have no training image; "
+                        "every class needs at least one: add training images or drop the class")
 
 
 def _stratified_split(folder, seed):
@@ -197,12 +295,22 @@ def _stratified_split(folder, seed):
     if not class_dirs:
         raise UserError(f"{folder} has no class sub-folders: put each class's images in "
                         f"{folder}/<class_name>/ (underscores become spaces), or add a split.json")
+    owners = {}  # class name -> the folder that gives it
+    for class_dir in class_dirs:
+        other = owners.setdefault(class_dir.name.replace("_", " "), class_dir)
+        if other != class_dir:
+            raise UserError(f"class folders {other} and {class_dir} both give the class name "
+                            f"'{class_dir.name.replace('_', ' ')}' (underscores become spaces): "
+                            "merge or rename one")
     rng = random.Random(seed)
     parts = {split: [] for split in SPLIT_NAMES}
+    skipped = []  # files in class folders that are not images; hidden files are left out silently
     for label, class_dir in enumerate(class_dirs):
+        files = [p for p in class_dir.rglob("*") if p.is_file()
+                 and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)]
+        skipped += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
         # Sorted before shuffling so the split does not depend on the file system's listing order.
-        images = sorted(p for p in class_dir.rglob("*")
-                        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        images = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS)
         if len(images) < 2:
             raise UserError(f"class folder {class_dir} has {len(images)} image(s); each class needs "
                             "at least 2, one to train on and one to test on")
@@ -212,17 +320,39 @@ def _stratified_split(folder, seed):
                 "train": images[n_test + n_val:]}
         for split, paths in cuts.items():
             parts[split] += [Item(str(p.absolute()), label, class_dir.name.replace("_", " ")) for p in paths]
+    if skipped:
+        names = ", ".join(str(p.relative_to(folder)) for p in sorted(skipped)[:3])
+        print(f"warning: skipping {len(skipped)} file(s) in the class folders of {folder} that are not images "
+              f"({' '.join(sorted(IMAGE_EXTENSIONS))}): {names}{', ...' if len(skipped) > 3 else ''}",
+              file=sys.stderr)
     return parts
 
 
 # ---------------------------------------------------------------- download
 
 def download_dataset(name: str, root) -> Path:
-    """Fetch `<DIR>.zip` from the Hugging Face hub and unpack it as `<root>/<DIR>`; returns that folder."""
+    """Fetch `<DIR>.zip` from the Hugging Face hub and unpack it as `<root>/<DIR>`; returns that folder.
+
+    Processes that start it at once (the seeds of a sweep) take turns on `<root>/.<DIR>.lock`:
+    the first downloads, the others wait and then find the dataset in place.
+    """
+    import fcntl  # POSIX (Linux, macOS)
+
+    Path(root).mkdir(parents=True, exist_ok=True)
+    # Held over the check, the download and the rename, so no process ever sees another's
+    # half-made target or renames onto it. The lock file stays: removing it would race.
+    with open(Path(root) / f".{DATASETS[name]}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        return _download_locked(name, root)
+
+
+def _download_locked(name, root):
     folder = DATASETS[name]
     target, split_name = Path(root) / folder, f"split_{folder}.json"
     by_hand = (f"download {folder}.zip from huggingface.co/datasets/{HF_REPO} by hand and unzip it so "
                f"that {target / split_name} and the images under {target / folder}/ exist")
+    if (target / split_name).is_file():
+        return target  # another process finished it while we waited for the lock
     if target.exists() and any(target.iterdir()):
         raise UserError(f"{target} exists but has no {split_name}: move it away or complete it by hand, "
                         "then run again")
@@ -235,7 +365,6 @@ def download_dataset(name: str, root) -> Path:
 
     # Unpack beside the target and rename only when complete, so an interrupted or refused
     # download never leaves a half dataset that would later look installed.
-    Path(root).mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=root, prefix=f".{folder}-download-"))
     try:
         safe_extract(zip_path, scratch)
@@ -308,19 +437,40 @@ def few_shot(items, shots, seed) -> list[Item]:
 
 
 def few_shot_splits(splits: Splits, shots, seed: int) -> Splits:
-    """Train K-shot, then val min(K, 4)-shot from the same random stream (as official); test untouched."""
+    """Train K-shot, then val min(K, 4)-shot from the same random stream (as official); test untouched.
+
+    A class with fewer than K training images trains on all it has, and one warning line says so.
+    """
     if shots == "all" or int(shots) <= 0:
+        check_every_class_trains(splits, f"dataset {splits.name}")
         return splits
     rng = random.Random(seed)
     train = few_shot(splits.train, shots, rng)
     val = few_shot(splits.val, min(int(shots), 4), rng)
-    return replace(splits, train=train, val=val)
+    sampled = replace(splits, train=train, val=val)
+    check_every_class_trains(sampled, f"dataset {splits.name}")
+    short = {name: count for name, count in shots_per_class(sampled).items() if count < int(shots)}
+    if short:
+        listed = ", ".join(f"{name} ({count})" for name, count in short.items())
+        print(f"warning: {int(shots)} shots asked, but {len(short)} class(es) of {splits.name} have fewer "
+              f"training images and train on all they have: {listed}", file=sys.stderr)
+    return sampled
+
+
+def shots_per_class(splits: Splits) -> dict[str, int]:
+    """{class name: training images} in label order: the shots each class really trains on."""
+    counts = [0] * len(splits.classnames)
+    for item in splits.train:
+        counts[item.label] += 1
+    return dict(zip(splits.classnames, counts))
 
 
 def subsample_classes(splits: Splits, subsample: str) -> Splits:
     """Base = the first ceil(n/2) labels of the train set, novel = the rest; each relabelled from 0."""
     if subsample not in ("all", "base", "novel"):
         raise UserError(f"subsample must be all, base or novel, not '{subsample}'")
+    # Base and novel are cut from the labels present in train: a class missing there would shift them.
+    check_every_class_trains(splits, f"dataset {splits.name}")
     if subsample == "all":
         return splits
     labels = sorted({item.label for item in splits.train})
@@ -353,6 +503,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def open_image(path: str) -> Image.Image:
+    if Path(path).suffix.lower() == ".dcm":
+        return open_dicom(path)
     try:
         with Image.open(path) as image:
             return to_rgb(image)
@@ -360,6 +512,73 @@ def open_image(path: str) -> Image.Image:
         raise UserError(f"image file not found: {path}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise UserError(f"cannot read image file {path}: {error}") from None
+
+
+DICOM_DECODERS = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, or pip install python-gdcm"
+
+
+def _dicom_number(ds, keyword):
+    """The first value of a numeric DICOM attribute (Window Center/Width may list several), or None."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return float(value[0] if isinstance(value, Sequence) else value)
+
+
+def open_dicom(path: str) -> Image.Image:
+    """A DICOM file as an 8-bit RGB image, the way a viewer first shows it.
+
+    Grey images: Rescale Slope/Intercept, then the file's first window (Window Center/Width,
+    the DICOM linear function), or the image's own min-max when it has none; MONOCHROME1
+    (white = low) is inverted. A multi-frame file (a volume or a cine loop) gives its middle
+    frame. Windows stored per frame (enhanced multi-frame files) are not read: min-max then.
+    """
+    import pydicom  # only needed for .dcm files
+
+    syntax = None
+    try:
+        ds = pydicom.dcmread(path)
+        syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        pixels = ds.pixel_array
+        return _dicom_to_rgb(ds, pixels, path)
+    except FileNotFoundError:
+        raise UserError(f"image file not found: {path}") from None
+    except (RuntimeError, NotImplementedError) as error:  # pydicom's words for "no decoder for this"
+        reason = " ".join(str(error).split())
+        raise UserError(f"cannot decode DICOM file {path}: its pixel data is "
+                        f"{getattr(syntax, 'name', 'compressed')} ({reason}); install a decoder: "
+                        f"{DICOM_DECODERS}") from None
+    except UserError:
+        raise
+    except Exception as error:  # a damaged file or header: pydicom raises many types for these
+        raise UserError(f"cannot read DICOM file {path}: {type(error).__name__}: {error}") from None
+
+
+def _dicom_to_rgb(ds, pixels, path):
+    interpretation = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    colour = int(ds.get("SamplesPerPixel", 1)) > 1
+    if pixels.ndim == (3 if colour else 2) + 1:
+        pixels = pixels[len(pixels) // 2]  # (frames, rows, cols[, 3]) -> the middle frame
+    if colour:
+        # pydicom 3 hands colour pixels over as RGB (it converts YBR); only the bit depth is ours.
+        if pixels.dtype != np.uint8:
+            pixels = pixels.astype(np.float64) * (255 / (2 ** int(ds.get("BitsStored", 16)) - 1))
+        return Image.fromarray(pixels.round().astype(np.uint8), "RGB")
+    if not interpretation.startswith("MONOCHROME"):
+        raise UserError(f"DICOM file {path} is {interpretation}, which we do not read: "
+                        "convert it to PNG (grey MONOCHROME1/2 and RGB/YBR colour are read)")
+    slope, intercept = _dicom_number(ds, "RescaleSlope"), _dicom_number(ds, "RescaleIntercept")
+    values = pixels.astype(np.float64) * (1.0 if slope is None else slope) + (intercept or 0.0)
+    center, width = _dicom_number(ds, "WindowCenter"), _dicom_number(ds, "WindowWidth")
+    if center is not None and width is not None and width >= 1:
+        # PS3.3 C.11.2.1.2.1: black up to c - 0.5 - (w - 1) / 2, white from c - 0.5 + (w - 1) / 2.
+        scaled = np.clip((values - (center - 0.5)) / max(width - 1, 1) + 0.5, 0, 1) * 255
+    else:
+        low, high = values.min(), values.max()
+        scaled = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
+    if interpretation == "MONOCHROME1":
+        scaled = 255 - scaled
+    return Image.fromarray(scaled.round().astype(np.uint8)).convert("RGB")
 
 
 SYNTHETIC_SIZES = {"train": 32, "val": 8, "test": 40}  # images per class
@@ -526,7 +745,7 @@ def load_class_text(dataset: str, classnames: list[str], root: str = "data") -> 
     Benchmarks read prompts/<name>.json, your own folder its prompts.json, synthetic its built-in
     text. `root` is accepted so callers can pass the arguments they gave load_splits.
     """
-    if dataset == "synthetic":
+    if dataset.lower() == "synthetic":
         text, source = synthetic_class_text(), "built-in synthetic text"
     else:
         if dataset.lower() in DATASETS:

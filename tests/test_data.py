@@ -1,16 +1,22 @@
 """data.py: the split reader, few-shot sampling against Dassl's rule, base/novel, own folders,
 synthetic images, image modes, transforms, loaders, safe download, class text, and each error."""
 import json
+import multiprocessing
 import random
+import shutil
 import stat
+import threading
+import time
 import zipfile
 from collections import defaultdict
 
 import huggingface_hub
 import numpy as np
+import pydicom
 import pytest
 import torch
 from PIL import Image
+from pydicom.data import get_testdata_file
 
 import data
 from common import UserError
@@ -183,6 +189,19 @@ def test_few_shot_seed_rules_and_fewer_than_k_takes_all():
     assert len(set(a)) == len(a)  # never repeats
 
 
+def test_more_shots_than_images_warns_once_and_shots_per_class_counts(capsys):
+    splits = toy_splits()  # train: class 3 has 3 images, class 1 has 8
+    sampled = data.few_shot_splits(splits, 4, 1)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "4 shots asked" in lines[0] and lines[0].endswith(": class 3 (3)")
+    assert data.shots_per_class(sampled) == {"class 0": 4, "class 1": 4, "class 2": 4, "class 3": 3}
+    data.few_shot_splits(splits, 16, 1)
+    assert capsys.readouterr().err.strip().endswith(": class 1 (8), class 3 (3)")
+    data.few_shot_splits(splits, 2, 1)
+    assert capsys.readouterr().err == ""
+    assert data.shots_per_class(data.subsample_classes(sampled, "novel")) == {"class 2": 4, "class 3": 3}
+
+
 def test_few_shot_is_pure_and_all_means_everything():
     splits = toy_splits()
     random.seed(123)
@@ -239,11 +258,12 @@ def test_own_folder_gets_a_seeded_stratified_split(tmp_path):
 
 def test_own_folder_uses_its_split_json(tmp_path):
     folder = make_own(tmp_path / "mine")
-    split = {"train": [["class_b/0.png", 0, "bee"]], "val": [], "test": [["class_a/1.png", 1, "ay"]]}
+    split = {"train": [["class_b/0.png", 0, "bee"], ["class_a/0.png", 1, "ay"]], "val": [],
+             "test": [["class_a/1.png", 1, "ay"]]}
     (folder / "split.json").write_text(json.dumps(split))
     splits = data.load_splits(str(folder))
     assert splits.classnames == ["bee", "ay"]
-    assert splits.train == [Item(str(folder / "class_b" / "0.png"), 0, "bee")]
+    assert splits.train[0] == Item(str(folder / "class_b" / "0.png"), 0, "bee")
 
 
 def test_own_folder_errors(tmp_path):
@@ -254,6 +274,86 @@ def test_own_folder_errors(tmp_path):
         data.load_splits(str(tmp_path / "empty"))
     with pytest.raises(UserError, match="does not exist"):
         data.load_splits(str(tmp_path / "nowhere"))
+
+
+def test_two_class_folders_with_one_class_name_are_refused(tmp_path):
+    folder = make_own(tmp_path / "mine", {"glioma_tumor": 3, "glioma tumor": 3, "normal": 3})
+    with pytest.raises(UserError, match="both give the class name 'glioma tumor'") as error:
+        data.load_splits(str(folder))
+    assert str(folder / "glioma_tumor") in str(error.value) and str(folder / "glioma tumor") in str(error.value)
+
+
+def test_files_that_are_not_images_are_named_in_one_warning(tmp_path, capsys):
+    folder = make_own(tmp_path / "mine", {"class_a": 4, "class_b": 4})
+    for name in ("class_a/notes.txt", "class_a/scan.nii", "class_b/labels.csv", "class_b/readme.md"):
+        (folder / name).write_text("x")
+    (folder / "class_a" / ".DS_Store").write_text("x")  # hidden: silent
+    (folder / "class_b" / ".cache").mkdir()
+    (folder / "class_b" / ".cache" / "thumb.db").write_text("x")
+    splits = data.load_splits(str(folder))
+    assert len(splits.train + splits.val + splits.test) == 8
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: skipping 4 file(s)")
+    assert "class_a/notes.txt, class_a/scan.nii, class_b/labels.csv, ..." in lines[0]
+    assert "DS_Store" not in lines[0] and "thumb" not in lines[0]
+    make_own(tmp_path / "clean", {"class_a": 4, "class_b": 4})
+    data.load_splits(str(tmp_path / "clean"))
+    assert capsys.readouterr().err == ""
+
+
+def test_a_class_without_training_images_is_named(tmp_path):
+    folder = make_own(tmp_path / "mine")
+    split = {"train": [["class_b/0.png", 0, "bee"]], "val": [["class_a/0.png", 1, "ay"]],
+             "test": [["class_a/1.png", 1, "ay"], ["class_b/1.png", 0, "bee"]]}
+    (folder / "split.json").write_text(json.dumps(split))
+    with pytest.raises(UserError, match="'ay' of .*split.json have no training image"):
+        data.load_splits(str(folder))
+    # Splits made any other way are checked where the training list is final.
+    splits = Splits(items([0, 0, 2]), items([0, 1, 2]), items([0, 1, 2]), ["class 0", "class 1", "class 2"], "t")
+    with pytest.raises(UserError, match="'class 1' of dataset t"):
+        data.few_shot_splits(splits, 2, 1)
+    with pytest.raises(UserError, match="'class 1' of dataset t"):
+        data.few_shot_splits(splits, "all", 1)
+    with pytest.raises(UserError, match="'class 1' of dataset t"):
+        data.subsample_classes(splits, "novel")
+
+
+# ------------------------------------------------------------------ every image opens before training
+def test_unreadable_images_fail_at_load_naming_count_first_and_why(tmp_path):
+    folder = make_own(tmp_path / "mine", {"class_a": 5, "class_b": 5})
+    (folder / "class_a" / "0.png").write_text("a text file, renamed")
+    good = (folder / "class_b" / "3.png").read_bytes()
+    (folder / "class_b" / "3.png").write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(UserError) as error:
+        data.load_splits(str(folder))
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("2 of 10 image file(s) of")
+    assert str(folder / "class_a" / "0.png") in message and "cannot identify image file" in message
+    assert data.image_problem(str(folder / "class_b" / "3.png"))  # the truncated one is caught on its own
+    assert data.image_problem(str(folder / "class_b" / "4.png")) is None
+
+
+def test_truncated_jpeg_and_dicom_are_caught_and_good_ones_pass(tmp_path):
+    jpeg = tmp_path / "scan.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(jpeg)
+    assert data.image_problem(str(jpeg)) is None
+    jpeg.write_bytes(jpeg.read_bytes()[:-200])
+    assert "truncated" in data.image_problem(str(jpeg))
+    assert data.image_problem(get_testdata_file("MR_small.dcm")) is None
+    assert "truncated" in data.image_problem(get_testdata_file("MR_truncated.dcm"))
+    fake = tmp_path / "fake.dcm"
+    fake.write_text("not a DICOM file")
+    assert "DICM" in data.image_problem(str(fake))
+    assert data.image_problem(str(tmp_path / "gone.png")) == "the file does not exist"
+
+
+def test_a_garbage_benchmark_test_image_fails_at_load(tmp_path):
+    base = make_official(tmp_path)
+    victim = base / "BTMRI" / "pituitary_tumor" / "test_0.png"
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(UserError, match="1 of 40 image file") as error:
+        data.load_splits("btmri", root=str(tmp_path))
+    assert str(victim) in str(error.value)
 
 
 # ------------------------------------------------------------------ synthetic
@@ -397,7 +497,7 @@ def test_download_end_to_end_through_load_splits(tmp_path, monkeypatch, nested):
     assert calls == [("TahaKoleilat/BiomedCoOp", "dataset", "BTMRI.zip")]
     assert splits.classnames == data.CLASSNAMES["btmri"] and len(splits.train) == 20
     assert splits.train[0].path.startswith(str(root / "BTMRI" / "BTMRI"))
-    assert [p.name for p in root.iterdir()] == ["BTMRI"]  # no scratch folder left behind
+    assert sorted(p.name for p in root.iterdir()) == [".BTMRI.lock", "BTMRI"]  # no scratch folder left behind
     data.load_splits("btmri", root=str(root), download=True)  # already there: no second download
     assert len(calls) == 1
 
@@ -408,7 +508,7 @@ def test_download_of_a_bad_zip_leaves_no_target(tmp_path, monkeypatch, kind):
     root = tmp_path / "data"
     with pytest.raises(UserError, match="refusing"):
         data.load_splits("btmri", root=str(root), download=True)
-    assert list(root.iterdir()) == []
+    assert [p.name for p in root.iterdir()] == [".BTMRI.lock"]
 
 
 def test_download_of_a_zip_without_split_file_says_so(tmp_path, monkeypatch):
@@ -417,7 +517,33 @@ def test_download_of_a_zip_without_split_file_says_so(tmp_path, monkeypatch):
     fake_hub(monkeypatch, zip_tree(made, tmp_path / "BTMRI.zip"))
     with pytest.raises(UserError, match="has no split_BTMRI.json"):
         data.load_splits("btmri", root=str(tmp_path / "data"), download=True)
-    assert list((tmp_path / "data").iterdir()) == []
+    assert [p.name for p in (tmp_path / "data").iterdir()] == [".BTMRI.lock"]
+
+
+def _download_in_a_process(root, zip_path, barrier):
+    def hf_hub_download(**kwargs):
+        try:  # both processes wait here for each other, so without the lock they overlap
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            pass  # the other process never downloads: it waits on the lock
+        return str(zip_path)
+    huggingface_hub.hf_hub_download = hf_hub_download
+    data.load_splits("btmri", root=str(root), download=True)
+
+
+def test_two_processes_downloading_at_once_both_succeed(tmp_path):
+    zip_path = zip_tree(make_official(tmp_path / "made"), tmp_path / "BTMRI.zip")
+    root = tmp_path / "data"
+    context = multiprocessing.get_context("fork")  # inherits the imports: starts in milliseconds
+    barrier = context.Barrier(2, timeout=0.5)
+    processes = [context.Process(target=_download_in_a_process, args=(root, zip_path, barrier)) for _ in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    assert [process.exitcode for process in processes] == [0, 0]
+    assert sorted(p.name for p in root.iterdir()) == [".BTMRI.lock", "BTMRI"]
+    assert len(data.load_splits("btmri", root=str(root)).train) == 20
 
 
 def test_unreachable_hub_explains_the_manual_route(tmp_path, monkeypatch):
@@ -429,6 +555,110 @@ def test_unreachable_hub_explains_the_manual_route(tmp_path, monkeypatch):
     message = str(error.value)
     assert "could not reach the Hugging Face hub" in message and "by hand" in message
     assert str(tmp_path / "BUSI" / "split_BUSI.json") in message
+
+
+# ------------------------------------------------------------------ DICOM
+def dicom_copy(tmp_path, name, **changes):
+    ds = pydicom.dcmread(get_testdata_file(name))
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    path = tmp_path / f"{len(list(tmp_path.iterdir()))}_{name}"
+    ds.save_as(path)
+    return path
+
+
+def grey(path):
+    pixels = np.asarray(data.open_image(str(path)))
+    assert pixels.shape[2] == 3 and (pixels == pixels[..., :1]).all()
+    return pixels[..., 0].astype(int)
+
+
+def test_dicom_rescales_then_applies_its_window(tmp_path):
+    path = dicom_copy(tmp_path, "CT_small.dcm", WindowCenter=40, WindowWidth=400)
+    ds = pydicom.dcmread(path)
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)  # intercept -1024
+    image = grey(path)
+    below, above = hu <= 40 - 0.5 - 199.5, hu > 40 - 0.5 + 199.5
+    inside = ~below & ~above
+    assert below.any() and above.any() and inside.any()
+    assert (image[below] == 0).all() and (image[above] == 255).all()
+    expected = np.round(((hu[inside] - 39.5) / 399 + 0.5) * 255)
+    assert np.abs(image[inside] - expected).max() <= 1
+
+
+def test_dicom_uses_the_first_of_several_windows(tmp_path):
+    first = grey(dicom_copy(tmp_path, "MR_small.dcm", WindowCenter=[600, 100], WindowWidth=[1600, 50]))
+    assert (first == grey(dicom_copy(tmp_path, "MR_small.dcm", WindowCenter=600, WindowWidth=1600))).all()
+    assert (first != grey(dicom_copy(tmp_path, "MR_small.dcm", WindowCenter=100, WindowWidth=50))).any()
+
+
+def test_dicom_without_window_is_stretched_min_to_max():
+    raw = pydicom.dcmread(get_testdata_file("CT_small.dcm")).pixel_array
+    image = grey(get_testdata_file("CT_small.dcm"))
+    assert image[raw == raw.min()].max() == 0 and image[raw == raw.max()].min() == 255
+    order = np.argsort(raw, axis=None)
+    assert (np.diff(image.ravel()[order]) >= 0).all()  # monotonic in the stored values
+
+
+def test_dicom_monochrome1_is_inverted(tmp_path):
+    normal = grey(get_testdata_file("MR_small.dcm"))
+    inverted = grey(dicom_copy(tmp_path, "MR_small.dcm", PhotometricInterpretation="MONOCHROME1"))
+    assert (inverted == 255 - normal).all() and normal.std() > 10
+
+
+def test_dicom_multi_frame_gives_the_middle_frame():
+    frames = pydicom.dcmread(get_testdata_file("rtdose.dcm")).pixel_array.astype(float)  # (15, 10, 10)
+    image = grey(get_testdata_file("rtdose.dcm"))
+
+    def distance(frame):
+        return np.abs(image - (frame - frame.min()) * 255 / (frame.max() - frame.min())).max()
+    assert distance(frames[7]) <= 0.5 and min(distance(f) for i, f in enumerate(frames) if i != 7) > 1
+
+
+def test_compressed_dicom_without_a_decoder_names_file_and_packages():
+    path = get_testdata_file("MR_small_jpeg_ls_lossless.dcm")
+    try:
+        pydicom.dcmread(path).pixel_array
+        pytest.skip("a JPEG-LS decoder is installed here")
+    except RuntimeError:
+        pass
+    with pytest.raises(UserError) as error:
+        data.open_image(path)
+    message = str(error.value)
+    assert "\n" not in message and path in message and "JPEG-LS" in message
+    assert "pylibjpeg" in message and "python-gdcm" in message
+    assert data.image_problem(path) == message  # caught before training too
+
+
+def test_a_folder_of_dicom_files_loads_and_feeds_the_model(tmp_path):
+    for i in range(3):
+        for name, source in (("mr", "MR_small.dcm"), ("ct", "CT_small.dcm"), ("j2k", "JPEG2000.dcm")):
+            (tmp_path / "mine" / name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(get_testdata_file(source), tmp_path / "mine" / name / f"{i}.dcm")
+    splits = data.load_splits(str(tmp_path / "mine"))
+    assert splits.classnames == ["ct", "j2k", "mr"] and len(splits.train) == 6
+    dataset = data.ImageDataset(splits.train + splits.test, data.build_transform(16))
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    assert x.shape == (len(dataset), 3, 16, 16) and x.amax() > 0.9 and x.amin() < 0.1
+
+
+# ------------------------------------------------------------------ dataset names
+def test_dataset_names_any_case_and_folder_paths_name_the_folder(tmp_path, monkeypatch):
+    assert {data.dataset_key(n) for n in ("BUSI", "Busi", "busi")} == {"busi"}
+    assert data.dataset_key("Synthetic") == "synthetic" == data.load_splits("Synthetic", image_size=8).name
+    make_official(tmp_path / "data", name="busi", counts=(2, 1, 1))
+    assert data.load_splits("BUSI", root=str(tmp_path / "data")).name == "busi"
+    mine = make_own(tmp_path / "my_folder", {"a": 2, "b": 2})
+    monkeypatch.chdir(tmp_path)
+    assert data.dataset_key("./my_folder/") == "my_folder" == data.load_splits("./my_folder/").name
+    monkeypatch.chdir(mine)
+    assert data.dataset_key(".") == "my_folder" == data.load_splits(".").name
+    (mine / "prompts.json").write_text(json.dumps(own_text(["a", "b"])))
+    assert list(data.load_class_text(".", ["a", "b"])["classes"]) == ["a", "b"]
+    monkeypatch.setattr(data, "PROMPTS_DIR", tmp_path)
+    (tmp_path / "busi.json").write_text(json.dumps(own_text(data.CLASSNAMES["busi"])))
+    assert list(data.load_class_text("Busi", data.CLASSNAMES["busi"])["classes"]) == data.CLASSNAMES["busi"]
+    assert list(data.load_class_text("SYNTHETIC", ["red disc"])["classes"]) == ["red disc"]
 
 
 # ------------------------------------------------------------------ class text
