@@ -82,7 +82,7 @@ from common import (Predictor, UserError, arg, autocast, benchmark_report, check
                     resolve_device, rng_state, run_cli, run_dir, seed_everything, set_rng_state, time_ms,
                     validate_args, write_metrics)
 from data import (ImageDataset, build_transform, few_shot_splits, load_class_text, load_splits,
-                  make_loader, subsample_classes, synthetic_class_text)
+                  make_loader, shots_per_class, subsample_classes, synthetic_class_text)
 
 # Official per-dataset configuration (configs/trainers/BiomedAP/*): n_ctx, few-shot and
 # base-to-novel (lambda_high, lambda_kl, lambda_low). Hyper-parameters, not code.
@@ -599,7 +599,8 @@ def main(args):
     eval_start = time.perf_counter()
     metrics = evaluate_all(model, backbone, splits, train_splits, text, cfg, args, device)
     timings = {"train_s": train_s, "eval_s": time.perf_counter() - eval_start}
-    extra = {"config": cfg, "trainable_parameters": sum(p.numel() for p in params.values())}
+    extra = {"config": cfg, "trainable_parameters": sum(p.numel() for p in params.values()),
+             "shots_per_class": shots_per_class(train_splits)}
     write_metrics(folder, args, metrics, timings, extra)
     finish_checkpoint(folder)
     print(f"metrics: {summary_line(metrics)} -> {folder / 'metrics.json'}")
@@ -635,7 +636,8 @@ def eval_only(cli):
     old = folder / "metrics.json"
     timings = json.loads(old.read_text()).get("timings", {}) if old.is_file() else {}
     timings["eval_s"] = time.perf_counter() - start
-    extra = {"config": cfg, "trainable_parameters": sum(p.numel() for p in trainable(model).values())}
+    extra = {"config": cfg, "trainable_parameters": sum(p.numel() for p in trainable(model).values()),
+             "shots_per_class": shots_per_class(train_splits)}
     write_metrics(folder, args, metrics, timings, extra)
     print(f"metrics: {summary_line(metrics)} -> {old}")
     return metrics

@@ -383,7 +383,8 @@ def main(args):
         metrics["best_test_accuracy_test_selected"] = {"accuracy": best["test_accuracy"], "epoch": best["epoch"]}
     timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": time.perf_counter() - eval_start}
     common.write_metrics(folder, args, metrics, timings, {
-        "trainable_parameters": sum(p.numel() for p in params), "eval_history": history})
+        "trainable_parameters": sum(p.numel() for p in params), "eval_history": history,
+        "shots_per_class": data.shots_per_class(train)})
     common.finish_checkpoint(folder)
     print(summary_line(metrics), f"-> {folder / 'metrics.json'}")
     return metrics

@@ -471,8 +471,9 @@ def harmonic_mean(a: float, b: float) -> float:
 # --------------------------------------------------------------------------- run folders
 def run_dir(out: str, method: str, dataset: str, shots: int, seed: int, subsample: str = "all") -> Path:
     """runs/<method>/<dataset>/<K>shot[_base2novel]/seed<S>/"""
+    import data  # data.py imports this module: a top-level import would be circular
     suffix = "_base2novel" if subsample == "base" else ""
-    return Path(out) / method / Path(dataset).name / f"{shots}shot{suffix}" / f"seed{seed}"
+    return Path(out) / method / data.dataset_key(dataset) / f"{shots}shot{suffix}" / f"seed{seed}"
 
 
 class RunFolder:

@@ -128,3 +128,24 @@ def test_sweep_stops_at_a_setup_error_before_any_job(tmp_path):
     ok = subprocess.run([sys.executable, str(REPO / "common.py"), "check", "--datasets", "synthetic", "--backbone",
                          "tiny"], capture_output=True, text=True, env=env, timeout=120)
     assert ok.returncode == 0 and "setup ok" in ok.stderr
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_more_shots_than_a_class_has_warns_and_records_the_real_counts(name, tmp_path, capsys):
+    module = METHODS[name]
+    argv = ["--dataset", "synthetic", "--backbone", "tiny", "--shots", "40", "--epochs", "1", "--workers", "0",
+            "--device", "cpu", "--out", str(tmp_path)]
+    cli(module, argv)
+    assert "warning: 40 shots asked" in capsys.readouterr().err
+    record = __import__("json").loads((common.run_dir(str(tmp_path), name, "synthetic", 40, 1) / "metrics.json")
+                                      .read_text())
+    assert record["shots_per_class"] == {c: 32 for c in __import__("data").SYNTHETIC_LOOKS}
+
+
+def test_dataset_names_in_any_case_share_one_run_folder(tmp_path, monkeypatch):
+    for spelling in ("BUSI", "Busi", "busi"):
+        assert common.run_dir("runs", "m", spelling, 4, 1) == Path("runs/m/busi/4shot/seed1")
+    (tmp_path / "my_folder").mkdir()
+    monkeypatch.chdir(tmp_path / "my_folder")
+    assert common.run_dir("runs", "m", ".", 4, 1) == common.run_dir("runs", "m", "../my_folder/", 4, 1) \
+        == Path("runs/m/my_folder/4shot/seed1")
