@@ -10,7 +10,7 @@ mixes the text context into the visual prompt tokens; the learned class prompts 
 a "high" anchor (expert descriptions) and a "low" anchor (few-shot visual prototypes / "{class}").
 
 Symbols: B batch, C classes, M context tokens (n_ctx), P visual prompt tokens (4), N patches,
-D image width, Dt text width, Du fusion width max(D, Dt), E joint embedding width, K shots.
+D image width, Dt text width, Du attention width max(D, Dt), E joint embedding width, K shots.
 
 Equation map (the paper's order):
     learned text context, class token at the end  -> `PromptLearner`
@@ -54,8 +54,9 @@ Deviations (from the paper, the official code, or both):
   6. Anchors are computed once with the same frozen model (official loads a second BiomedCLIP);
      they are training-only, so evaluation models (novel classes, perturbed prompts) carry none.
   7. Prompts go through the text tower trimmed to their real length (identical under the mask).
-  8. Attention uses 8 heads, or the largest count <= 8 dividing Du; where D != Dt the narrower
-     stream gets Linear in/out projections (identity on BiomedCLIP, as in the official module).
+  8. Attention uses 8 heads, or the largest count <= 8 dividing Du (official: 8). Where D != Dt, as
+     official, only the attentions run at Du (the narrower stream projected in and back), the rest
+     at each stream's width: 13,190,400 parameters a module at 768/512, 15,353,856 at 768/768.
   9. Fusion blocks 5 and 8 are for a 12-block tower; other depths use round(i * depth / 12).
  10. Synthetic data and your own folders use the official global defaults (lambda 12.5/0.25/0.3,
      align 0.1 as in every yaml, epochs 100 / 50, n_ctx = all ctx_init tokens).
@@ -214,12 +215,13 @@ def heads_for(width, wanted):
 
 
 class GatedFusion(nn.Module):
-    """Gated bidirectional cross-attention between visual prompts P_v (B, P, D) and the text
-    context P_t (B, M, Dt) in a unified space of width Du = max(D, Dt) (spec 2.3):
-        dP_v = MHA(P_v, P_t, P_t)            dP_t = MHA(P_t, P_v, P_v)
-        g_v = sigmoid(W_gv P_v + b)          g_t = sigmoid(W_gt P_t + b)
-        F_v = g_v * P_v + (1 - g_v) * dP_v   F_t likewise
-        Y_v = LN(P_v + F_v)                  out_v = Y_v + FFN(Y_v), likewise for t."""
+    """Gated bidirectional cross-attention between visual prompts P_v (B, P, D) and the text context
+    P_t (B, M, Dt) (spec 2.3). Only the attentions run at Du = max(D, Dt), the narrower stream
+    projected in (Pi) and back (Po); the rest works at each stream's own width, as official:
+        dP_v = Po_v MHA(Pi_v P_v, Pi_t P_t, Pi_t P_t)     dP_t = Po_t MHA(Pi_t P_t, Pi_v P_v, Pi_v P_v)
+        g_v = sigmoid(W_gv P_v + b)                       g_t = sigmoid(W_gt P_t + b)
+        F_v = g_v * P_v + (1 - g_v) * dP_v                F_t likewise
+        Y_v = LN(P_v + F_v)                               out_v = Y_v + FFN(Y_v), likewise for t."""
 
     def __init__(self, visual_width, text_width, heads=8, dropout=0.1):
         super().__init__()
@@ -230,20 +232,20 @@ class GatedFusion(nn.Module):
         heads = heads_for(width, heads)
         self.attn_v = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)  # v <- t
         self.attn_t = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)  # t <- v
-        self.gate_v, self.gate_t = nn.Linear(width, width), nn.Linear(width, width)
-        self.norm_v, self.norm_t = nn.LayerNorm(width), nn.LayerNorm(width)
-        ffn = lambda: nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout),  # noqa: E731
-                                    nn.Linear(4 * width, width), nn.Dropout(dropout))
-        self.ffn_v, self.ffn_t = ffn(), ffn()
+        self.gate_v, self.gate_t = nn.Linear(visual_width, visual_width), nn.Linear(text_width, text_width)
+        self.norm_v, self.norm_t = nn.LayerNorm(visual_width), nn.LayerNorm(text_width)
+        ffn = lambda d: nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Dropout(dropout),  # noqa: E731
+                                      nn.Linear(4 * d, d), nn.Dropout(dropout))
+        self.ffn_v, self.ffn_t = ffn(visual_width), ffn(text_width)
 
     def forward(self, p_v, p_t):
-        p_v, p_t = self.v_in(p_v), self.t_in(p_t)                         # (B, P, Du), (B, M, Du)
-        d_v = self.attn_v(p_v, p_t, p_t, need_weights=False)[0]
-        d_t = self.attn_t(p_t, p_v, p_v, need_weights=False)[0]
+        u_v, u_t = self.v_in(p_v), self.t_in(p_t)                          # (B, P, Du), (B, M, Du)
+        d_v = self.v_out(self.attn_v(u_v, u_t, u_t, need_weights=False)[0])  # (B, P, D)
+        d_t = self.t_out(self.attn_t(u_t, u_v, u_v, need_weights=False)[0])  # (B, M, Dt)
         g_v, g_t = torch.sigmoid(self.gate_v(p_v)), torch.sigmoid(self.gate_t(p_t))
         y_v = self.norm_v(p_v + g_v * p_v + (1 - g_v) * d_v)
         y_t = self.norm_t(p_t + g_t * p_t + (1 - g_t) * d_t)
-        return self.v_out(y_v + self.ffn_v(y_v)), self.t_out(y_t + self.ffn_t(y_t))
+        return y_v + self.ffn_v(y_v), y_t + self.ffn_t(y_t)
 
 
 def default_fusion_layers(depth):

@@ -21,26 +21,47 @@ Equation map:
     L = CE(logits, y) + beta * L_CS                              -> `cross_entropy_loss`,
         L_CS = mean_i relu(max_c s-_ic - anchor_iy + margin)        `confusion_suppression_loss`,
                                                                     `compute_losses`
+    training images: resize to S-2w, random-resized crop, flip   -> `make_train_loader`
+    SGD, cosine to 0 over epochs x steps per epoch                -> `make_optimizer`
 
-Deviations from the paper / official code:
+Deviations from the paper / official code (the released Table-1 script, `experiments/biomedvr.py`):
   * The reported number is the LAST epoch's test accuracy; the official code evaluates the test set
     every epoch and reports the best (model selection on the test set). `--eval-every N` logs test
     accuracy every N epochs and records `best_test_accuracy_test_selected`, labelled as such.
-  * Few-shot subsets follow the run seed (the official code reuses seed 0's subset for every seed).
+  * Splits: the official code reads its own `split_liu_<DIR>.json` files, which are not published
+    (class names with underscores, another label order); we use BiomedCoOp's published
+    `split_<DIR>.json`, so the test sets and the few-shot subsets are not the paper's.
+  * Few-shot subsets follow the run seed. The official code caches the subset under the name
+    `shot_K-seed_0.pkl` whatever the seed; the first run draws it with its own seed and every
+    later run, whatever its seed, reuses it.
+  * `--cs-anchor` defaults to `positive` (anchor s+_y: the paper's figure draws the margin as
+    s+_y - s-_c > m); the released Table-1 script anchors on the fused logit of y, which
+    `--cs-anchor fused` selects and `run.sh tables biomedvr` passes.
   * Default backbone BiomedCLIP; the paper's Table 1 used OpenAI CLIP ViT-B/16 (`--backbone clip`).
-    The logit scale is the backbone's own (100 for CLIP, as hard-coded officially).
-  * Attribute text is the project's own (`prompts/<dataset>.json`). With >= 20 descriptions per
-    class the m = 20 descriptive attributes are drawn without replacement; the released medical
-    files had 5 sentences per set, so all 20 were duplicates. Distinctive and confusion sets still
-    have fewer than 20 and are drawn with replacement, by the released rule. The sampling uses its
-    own `random.Random(seed)` instead of the global stream, so eval-only rebuilds the same banks.
+    The logit scale is the backbone's own, frozen (100 for CLIP). The official code also clamps
+    CLIP's logit scale to ln(100) after every step: a no-op, since it is frozen at that value.
+  * Attribute text is the project's own (`prompts/<dataset>.json`). The sampling rule is the
+    released one: a set with MORE than m = 20 sentences gives m distinct ones (random.sample),
+    otherwise m are drawn with replacement (random.choices). Our descriptive sets hold more than
+    20, so they give 20 distinct sentences (the released medical files had 5 a set, all 20 draws
+    duplicates); our distinctive and confusion sets (5-7) are drawn with replacement, as released.
+    The sampling uses its own `random.Random(seed)` instead of the global stream, so eval-only
+    rebuilds the same banks; sentences are stripped of surrounding spaces before the 20-character
+    filter. Every class needs confusion-aware attributes (the official code scores s- = 0 for a
+    dataset without a confusion file).
   * Both programs pass through the image tower as ONE batch of 2B images (same arithmetic).
   * bf16 autocast on CUDA (`--precision bf16`) instead of fp16 autocast without a GradScaler;
-    the expert scores are always computed in fp32. fp32 is the default.
+    the expert scores are always computed in fp32. fp32 is the default (the official code also
+    evaluates in fp32).
   * The L_CS cap at 1000 in the official code is omitted (it never binds).
   * The images are resized to S - 2w and zero-padded by the frame, as AttrVR; the official resize
     to 192 is the same for S = 224, w = 16. The frame width w defaults to 16/224 of the
     backbone's input size (16 at 224, as official), so other input sizes keep the same proportion.
+  * Random draws are not the official ones: the official loader shuffles and augments from the
+    global torch stream in the main process and sets cuDNN deterministic; ours uses a seeded
+    generator and worker processes (`--workers`) and leaves cuDNN's defaults, so a GPU rerun can
+    differ at float rounding. The same seed and worker count repeat a run on the CPU.
+  * Base-to-novel (`--subsample base`) is ours; the official code trains on all classes only.
 """
 import random
 import time
@@ -75,8 +96,8 @@ class Args:
     gate_init: float = arg(1.0, "initial value of both gate logits w (official: (1, 1))")
     beta: float = arg(0.3, "beta: weight of the confusion-suppression loss (official: 0.3)")
     margin: float = arg(0.5, "margin of L_CS in logit units (official: 0.5)")
-    cs_anchor: str = arg("positive", "L_CS anchor: positive = s+_y (paper figure), "
-                         "fused = fused logit of y (official Table-1 script)", ["positive", "fused"])
+    cs_anchor: str = arg("positive", "L_CS anchor: positive = s+_y (the paper's figure), fused = fused "
+                         "logit of y (the released Table-1 script; run.sh tables biomedvr)", ["positive", "fused"])
     epochs: int = arg(400, "training epochs (official: 400)")
     batch_size: int = arg(None, "batch size; none = 64, or 16 at one shot (official)")
     lr: float = arg(40.0, "SGD learning rate, cosine to 0 per iteration (official: 40)")
@@ -304,6 +325,24 @@ def setup(args, device):
     return backbone, model, train, evals
 
 
+def make_train_loader(train, S, args):
+    """The released pipeline: resize the shorter side to S - 2w, random-resized crop to S - 2w,
+    horizontal flip; every image every epoch (the last partial batch is kept)."""
+    inner = S - 2 * frame_width(args, S)
+    transform = data.build_transform(inner, train=True, hflip=True, resize_first=True)
+    return data.make_loader(data.ImageDataset(train.train, transform), batch_size(args), True, args.seed,
+                            args.workers, drop_last=False)
+
+
+def make_optimizer(model, args, steps_per_epoch):
+    """SGD on the programs and the gate, cosine annealing to 0 stepped once per iteration."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch,
+                                                           eta_min=0.0)
+    return optimizer, scheduler
+
+
 def main(args):
     if args.benchmark:
         return benchmark(args)
@@ -325,12 +364,10 @@ def main(args):
     common.seed_everything(args.seed)
     backbone, model, train, evals = setup(args, device)
     S = backbone.image_size
-    train_set = data.ImageDataset(train.train, data.build_transform(S - 2 * frame_width(args, S), train=True, hflip=True))
-    loader = data.make_loader(train_set, batch_size(args), True, args.seed, args.workers)
+    loader = make_train_loader(train, S, args)
     eval_loaders = make_eval_loaders(evals, S, args)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * len(loader), eta_min=0.0)
+    optimizer, scheduler = make_optimizer(model, args, len(loader))
     print("trainable:", ", ".join(f"{n} {tuple(p.shape)}" for n, p in model.named_parameters()),
           f"= {sum(p.numel() for p in params):,} parameters;",
           f"{len(train.train)} training images, {len(train.classnames)} classes, {len(loader)} steps/epoch")

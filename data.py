@@ -627,12 +627,17 @@ def draw_synthetic(path: str) -> Image.Image:
     return Image.fromarray((np.clip(pixels, 0, 1) * 255).round().astype(np.uint8))
 
 
-def build_transform(size: int, mean=None, std=None, train: bool = False, hflip: bool = False):
-    """CoOp's transforms at `size` (bicubic); no Normalize when mean/std are None (values in [0, 1])."""
+def build_transform(size: int, mean=None, std=None, train: bool = False, hflip: bool = False,
+                    resize_first: bool = False):
+    """CoOp's transforms at `size` (bicubic); no Normalize when mean/std are None (values in [0, 1]).
+    `resize_first` (AttrVR / BioMedVR) resizes the shorter side to `size` before the random crop,
+    so the crop's 8-100% area is taken of that small image, not of the full-resolution source."""
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std, or neither")
     steps = [T.Lambda(to_rgb)]
     if train:
+        if resize_first:
+            steps.append(T.Resize(size, interpolation=T.InterpolationMode.BICUBIC))
         steps.append(T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC))
         if hflip:
             steps.append(T.RandomHorizontalFlip())
@@ -660,12 +665,14 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(image), item.label
 
 
-def make_loader(dataset, batch_size: int, train: bool, seed: int, workers: int = 0):
-    """Shuffled for training (Dassl drops the last batch only when there is a full one), ordered for test."""
+def make_loader(dataset, batch_size: int, train: bool, seed: int, workers: int = 0, drop_last: bool = True):
+    """Shuffled for training, ordered for test. A training loader drops the last partial batch
+    when there is a full one (Dassl, BiomedAP); `drop_last=False` keeps every image (BioMedVR)."""
     # The seeded generator fixes the order and the workers' seeds (torch seeds random, numpy and
     # torch in each worker from it), so the same seed gives the same batches.
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=train, drop_last=train and len(dataset) >= batch_size,
+        dataset, batch_size=batch_size, shuffle=train,
+        drop_last=drop_last and train and len(dataset) >= batch_size,
         num_workers=workers, generator=torch.Generator().manual_seed(seed),
         pin_memory=torch.cuda.is_available())
 

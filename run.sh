@@ -139,7 +139,8 @@ case "$CMD" in
     case "${POS[1]:-}" in
       biomedap) sweep biomedap fewshot "$ALL_DATASETS" "$ALL_SHOTS" "$ALL_SEEDS"
                 sweep biomedap base2novel "$ALL_DATASETS" 16 "$ALL_SEEDS" ;;
-      biomedvr) sweep biomedvr fewshot "$ALL_DATASETS" 16 "$ALL_SEEDS" ;;
+      biomedvr) EXTRA=(--cs-anchor fused "${EXTRA[@]+"${EXTRA[@]}"}")  # the released Table-1 loss
+                sweep biomedvr fewshot "$ALL_DATASETS" 16 "$ALL_SEEDS" ;;
       *) echo "error: tables needs METHOD: biomedap or biomedvr" >&2; exit 2 ;;
     esac
     run_jobs ;;

@@ -188,8 +188,10 @@ def test_high_anchor_is_the_centroid_of_the_first_n_descriptions(backbones):
 # ------------------------------------------------------------------ parameter counts
 def fusion_count(dv, dt):
     du = max(dv, dt)
+    attention = 2 * (4 * du * du + 4 * du)  # two MHA at the common width: in (3 du x du) and out proj
     proj = sum((d * du + du) + (du * d + d) for d in (dv, dt) if d < du)  # Linear in and out when narrower
-    return 26 * du * du + 24 * du + proj  # 2 MHA, 2 gates, 2 FFN (4x), 2 LN (+ in/out projections)
+    own = sum((d * d + d) + 2 * d + (8 * d * d + 5 * d) for d in (dv, dt))  # gate, LN, FFN (4x) per stream
+    return attention + proj + own
 
 
 def expected_trainable(variant, depth, dv, dt, n_ctx, layers, p=4):
@@ -213,6 +215,29 @@ def test_full_size_fusion_module_has_15_353_856_parameters():
     # official on BiomedCLIP (BTMRI, n_ctx 5): two fusion modules plus the context
     assert expected_trainable("official", 12, 768, 768, 5, [5, 8]) == 2 * 15_353_856 + 5 * 768
     assert GatedFusion(48, 60).attn_v.num_heads == 6  # fewer heads when 8 does not divide the width
+    assert all(isinstance(m, torch.nn.Identity) for m in (fusion.v_in, fusion.t_in, fusion.v_out, fusion.t_out))
+
+
+def test_fusion_on_unequal_widths_is_the_official_module():
+    """OpenAI CLIP (image 768, text 512): only the attentions run at 768; the text stream's gate,
+    LayerNorm and FFN stay at 512 (the official count; a module run wholly at 768 has 16,141,568)."""
+    fusion = GatedFusion(768, 512)
+    assert sum(p.numel() for p in fusion.parameters()) == 13_190_400 == fusion_count(768, 512)
+    assert isinstance(fusion.v_in, torch.nn.Identity) and isinstance(fusion.v_out, torch.nn.Identity)
+    assert (fusion.t_in.in_features, fusion.t_in.out_features) == (512, 768)
+    assert (fusion.t_out.in_features, fusion.t_out.out_features) == (768, 512)
+    assert fusion.gate_t.weight.shape == (512, 512) and fusion.norm_t.normalized_shape == (512,)
+    assert fusion.ffn_t[0].weight.shape == (2048, 512) and fusion.gate_v.weight.shape == (768, 768)
+    # the forward by hand, in the official order: attend at 768, project back, then gate at 512
+    small = GatedFusion(16, 8, heads=2, dropout=0.0).eval()
+    g = torch.Generator().manual_seed(0)
+    p_v, p_t = torch.randn(2, 4, 16, generator=g), torch.randn(2, 3, 8, generator=g)
+    out_v, out_t = small(p_v, p_t)
+    u_t = small.t_in(p_t)                                                   # (2, 3, 16)
+    d_t = small.t_out(small.attn_t(u_t, p_v, p_v)[0])                       # (2, 3, 8)
+    gate = torch.sigmoid(small.gate_t(p_t))
+    y_t = small.norm_t(p_t + gate * p_t + (1 - gate) * d_t)
+    assert out_v.shape == (2, 4, 16) and torch.allclose(out_t, y_t + small.ffn_t(y_t), atol=1e-6)
 
 
 # ------------------------------------------------------------------ prompt perturbations

@@ -2,12 +2,15 @@
 scores and both confusion-suppression anchors against hand-computed values, what a training
 step touches (and what it must not), learning, determinism, exact resume, and the CLI."""
 import json
+import math
 import random
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.transforms as T
 from PIL import Image
 from tqdm import tqdm
 
@@ -63,7 +66,10 @@ def test_parameter_count_is_301058_at_224():
     assert set(names) == {"delta_plus", "delta_minus", "gate"}
     assert sum(names.values()) == 2 * 3 * S * S + 2 == 301_058
     assert int(model.mask.sum()) * 3 == 3 * (224 ** 2 - 192 ** 2) == 39_936  # effective per program
-    assert model.gate.softmax(0).tolist() == [0.5, 0.5]  # logits (1, 1)
+    assert model.gate.tolist() == [1.0, 1.0]  # the logits themselves start at (1, 1), as official
+    other = bv.BioMedVR(S, 16, common.OPENAI_MEAN, common.OPENAI_STD, small_banks(m=3, C=2, E=4), 100.0, 3,
+                        gate_init=0.25)
+    assert other.gate.tolist() == [0.25, 0.25]
 
 
 # ------------------------------------------------------------------ text side
@@ -139,6 +145,47 @@ def test_confusion_suppression_loss_hand_computed_with_both_anchors():
     assert fused_out["loss"].item() == pytest.approx(ce.item() + 0.3 * 0.375)
 
 
+def attribute_bank(x, y):
+    """(m, C, 3) unit vectors with the given components along e1 (x) and e2 (y), per class."""
+    x, y = torch.tensor(x).t(), torch.tensor(y).t()  # (C, m) -> (m, C)
+    return torch.stack([x, y, (1 - x ** 2 - y ** 2).sqrt()], dim=-1)  # (m, C, 3)
+
+
+def test_experts_score_their_own_attributes_on_their_own_program_hand_computed():
+    """s+ = (Des + Dist) / 2 on the delta+ image, s- = Conf on the delta- image, both with the
+    model's k. The image tower here returns the (normalised) top-left frame pixel, so delta+ is
+    seen as e1 and delta- as e2; each bank has distinct components along e1 and e2, so scoring the
+    wrong image, the wrong banks or with another k gives other numbers."""
+    banks = {"descriptions": attribute_bank([[0.9, 0.5, 0.1], [0.2, 0.3, -0.1]], [[0.1, 0.2, 0.3], [0.6, 0.1, 0.0]]),
+             "distinctive": attribute_bank([[0.1, 0.0, 0.3], [0.8, 0.6, 0.4]], [[0.0, 0.5, 0.2], [0.1, 0.1, 0.1]]),
+             "confusions": attribute_bank([[0.5, 0.1, 0.2], [0.0, 0.3, 0.1]], [[0.4, 0.2, 0.0], [0.9, -0.3, 0.1]])}
+    model = bv.BioMedVR(8, 2, (0.5, 0.5, 0.5), (1.0, 1.0, 1.0), banks, logit_scale=10.0, topk=2,
+                        image_tower=lambda x: x[:, :, 0, 0])  # (2B, 3): sigmoid(delta) - 0.5 at the corner
+    with torch.no_grad():
+        model.delta_plus[:, 0, 0] = torch.tensor([20.0, 0.0, 0.0])   # corner (0.5, 0, 0): z+ = e1
+        model.delta_minus[:, 0, 0] = torch.tensor([0.0, 20.0, 0.0])  # corner (0, 0.5, 0): z- = e2
+    out = model(torch.rand(2, 3, 4, 4))
+    # Des on e1: class 0 top-2 of (.9 .5 .1) -> 7.0, class 1 of (.2 .3 -.1) -> 2.5
+    # Dist on e1: class 0 (.1 0 .3) -> 2.0, class 1 (.8 .6 .4) -> 7.0; s+ = mean of the two
+    assert torch.allclose(out["s_plus"], torch.tensor([[4.5, 4.75]] * 2), atol=1e-5)
+    # Conf on e2: class 0 (.4 .2 0) -> 3.0, class 1 (.9 -.3 .1) -> 5.0
+    assert torch.allclose(out["s_minus"], torch.tensor([[3.0, 5.0]] * 2), atol=1e-5)
+    assert torch.allclose(out["logits"], torch.tensor([[3.75, 4.875]] * 2), atol=1e-5)  # gate (1/2, 1/2)
+
+
+def test_each_expert_loss_reaches_only_its_own_program(backbones):
+    bb, args, model = tiny_model(backbones, "tiny-clip")
+    out = model(torch.rand(3, 3, 24, 24))
+    programs = [model.delta_plus, model.delta_minus, model.gate]
+    for score, own in (("s_plus", 0), ("s_minus", 1)):
+        grads = torch.autograd.grad(out[score].sum(), programs, retain_graph=True, allow_unused=True)
+        for i, grad in enumerate(grads):
+            reached = grad is not None and grad.abs().sum() > 0
+            assert reached == (i == own), (score, i)
+    g_plus, g_minus, g_gate = torch.autograd.grad(out["logits"].sum(), programs)
+    assert g_plus.abs().sum() > 0 and g_minus.abs().sum() > 0 and g_gate.abs().sum() > 0
+
+
 def test_fused_logits_are_the_gated_sum_of_the_experts(backbones):
     bb, args, model = tiny_model(backbones, "tiny-clip")
     with torch.no_grad():
@@ -165,20 +212,78 @@ def test_training_step_touches_only_programs_and_gate(backbones, name, monkeypat
     calls = []
     hooks = [text_tower.register_forward_pre_hook(lambda *a: forbidden()),
              bb.model.visual.register_forward_hook(lambda mod, i, o: calls.append(i[0].shape[0]))]
+    seen = []  # each step's losses, to check the epoch's averages
+    compute = bv.compute_losses
+    monkeypatch.setattr(bv, "compute_losses", lambda *a: seen.append(compute(*a)) or seen[-1])
     try:
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=2)
-        batches = [(torch.rand(3, 3, 24, 24), torch.tensor([0, 1, 2])), (torch.rand(3, 3, 24, 24), torch.tensor([3, 2, 1]))]
+        batches = [(torch.rand(3, 3, 24, 24), torch.tensor([0, 1, 2])), (torch.rand(2, 3, 24, 24), torch.tensor([3, 2]))]
         stats = bv.train_one_epoch(model, batches, optimizer, scheduler, args, torch.device("cpu"), tqdm(disable=True))
     finally:
         for h in hooks:
             h.remove()
-    assert calls == [6, 6]  # one image-tower call per step, on both programs' 2B images
+    assert calls == [6, 4]  # one image-tower call per step, on both programs' 2B images
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
     assert all(not torch.equal(start[k], params[k]) for k in params)  # delta+, delta-, gate all moved
     assert all(p.grad is None and not p.requires_grad for p in bb.model.parameters())
     assert all(torch.equal(before[k], v) for k, v in bb.model.state_dict().items())
-    assert stats["ce"] > 0 and stats["cs"] >= 0
+    for term in ("ce", "cs"):  # per-image averages over the epoch: batches of 3 and 2
+        assert stats[term] == pytest.approx((3 * seen[0][term].item() + 2 * seen[1][term].item()) / 5)
+
+
+# ------------------------------------------------------------------ the released training pipeline
+def test_training_transform_is_the_released_one():
+    """Resize the shorter side to S-2w, RandomResizedCrop(S-2w), flip (bicubic): the crop is taken
+    of the resized image, so the same random draws give the same pixels as the released Compose."""
+    args = bv.Args(**FAST)
+    train, _ = bv.load_data(args, 32)
+    transform = bv.make_train_loader(train, 32, args).dataset.transform  # 32 - 2 * 4 = 24
+    released = T.Compose([T.Resize(24, interpolation=T.InterpolationMode.BICUBIC),
+                          T.RandomResizedCrop(24, interpolation=T.InterpolationMode.BICUBIC),
+                          T.RandomHorizontalFlip(), T.ToTensor()])
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (160, 240, 3), dtype=np.uint8))
+    for seed in range(4):
+        torch.manual_seed(seed)
+        ours = transform(image)
+        torch.manual_seed(seed)
+        assert torch.equal(ours, released(image))
+
+
+def test_every_training_image_is_used_every_epoch():
+    """The released loader keeps the last partial batch: 16 images in batches of 6 are 3 steps."""
+    args = bv.Args(**{**FAST, "batch_size": 6})
+    train, _ = bv.load_data(args, 32)
+    loader = bv.make_train_loader(train, 32, args)
+    sizes = [len(labels) for _, labels in loader]
+    assert len(train.train) == 16 and sizes == [6, 6, 4] and len(loader) == 3
+
+
+def test_learning_rate_follows_the_cosine_over_epochs_times_steps():
+    """SGD (momentum 0.9, no weight decay) on the programs and the gate; after one epoch of 5 steps
+    out of 4 epochs the rate is lr (1 + cos(pi / 4)) / 2, and 0 after the last step."""
+    model = bv.BioMedVR(8, 2, (0.5,) * 3, (0.25,) * 3, small_banks(), 10.0, 2)
+    optimizer, scheduler = bv.make_optimizer(model, bv.Args(epochs=4, lr=40.0), steps_per_epoch=5)
+    group = optimizer.param_groups[0]
+    assert group["momentum"] == 0.9 and group["weight_decay"] == 0.0
+    assert [p for p in group["params"]] == [model.delta_plus, model.delta_minus, model.gate]
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(40 * (1 + math.cos(math.pi / 4)) / 2)
+    for _ in range(15):
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_run_steps_over_every_image_and_anneals_over_all_its_steps(tmp_path):
+    """main() end to end: 16 images in batches of 6 are 3 steps an epoch, so after epoch 1 of 3
+    the scheduler has taken 3 of 9 steps and the rate is lr (1 + cos(pi / 3)) / 2."""
+    run(tmp_path, batch_size=6, stop_after_epoch=1)
+    ckpt = common.load_checkpoint(common.run_dir(str(tmp_path / "runs"), "biomedvr", "synthetic", 4, 1))
+    assert ckpt["scheduler"]["last_epoch"] == 3 and ckpt["scheduler"]["T_max"] == 9
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(FAST["lr"] * (1 + math.cos(math.pi / 3)) / 2)
 
 
 # ------------------------------------------------------------------ end to end

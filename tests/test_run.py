@@ -42,6 +42,17 @@ def test_tables_dry_run_lists_exactly_the_published_runs():
     vr = [parse_job(line) for line in run_sh("tables", "biomedvr", "--dry-run", env={"OUT": "/nonexistent"})]
     assert {(a.dataset, a.shots, a.seed, a.subsample) for _, a in vr} == \
         {(d, 16, s, "all") for d in DATASETS for s in (1, 2, 3)}
+    assert all(m is biomedvr and a.cs_anchor == "fused" for m, a in vr)  # the released Table-1 loss
+
+
+def test_biomedvr_table_uses_the_released_anchor_and_flags_still_override():
+    lines = run_sh("tables", "biomedvr", "--dry-run", "--", "--backbone", "clip", env={"OUT": "/nonexistent"})
+    assert all(a.cs_anchor == "fused" and a.backbone == "clip" for _, a in map(parse_job, lines))
+    lines = run_sh("tables", "biomedvr", "--dry-run", "--", "--cs-anchor", "positive", env={"OUT": "/nonexistent"})
+    assert all(a.cs_anchor == "positive" for _, a in map(parse_job, lines))
+    # a plain sweep keeps the default anchor (the paper's figure)
+    lines = run_sh("fewshot", "biomedvr", "btmri", "16", "1", "--dry-run", env={"OUT": "/nonexistent"})
+    assert [parse_job(line)[1].cs_anchor for line in lines] == ["positive"]
 
 
 def test_sweep_skips_finished_runs_and_resumes_unfinished(tmp_path):
