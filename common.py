@@ -917,7 +917,7 @@ def base2novel_series(runs) -> dict:
 def plot_base2novel(bars: dict, path: Path):
     """A panel per folder/method: base, novel and harmonic-mean bars for each dataset."""
     width = max(len(entries) for entries in bars.values())
-    fig = _figure(1.5 + 0.9 * width, 2.6 * len(bars))
+    fig = _figure(1.5 + 0.9 * width, 2.6 * len(bars) + 0.4)
     for ax, (label, entries) in zip(fig.subplots(len(bars), 1, squeeze=False)[:, 0], bars.items()):
         x = np.arange(len(entries))
         for i, name in enumerate(("base", "novel", "HM")):
@@ -928,7 +928,7 @@ def plot_base2novel(bars: dict, path: Path):
         ax.set_ylabel("accuracy (%)", fontsize=7)
         ax.set_title(f"{label}: base-to-novel", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, ncols=3, loc="lower right")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=7)
     atomic_write_png(fig, path)
 
 
