@@ -875,7 +875,8 @@ def plot_fewshot(series: dict, path: Path):
     colour = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     ncols = min(4, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig = _figure(3.0 * ncols, 2.5 * nrows + 0.25 * math.ceil(len(labels) / 3) + 0.3)
+    legend_cols = min(len(labels), max(ncols, 2))  # about one "<folder>/<method>" per 3 inches
+    fig = _figure(max(3.0 * ncols, 4.5), 2.5 * nrows + 0.2 * math.ceil(len(labels) / legend_cols) + 0.3)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, panel in zip(axes, panels):
         for label, points in series[panel].items():
@@ -893,7 +894,7 @@ def plot_fewshot(series: dict, path: Path):
     for ax in axes[len(panels):]:
         ax.set_axis_off()
     handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
-    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=min(3, len(handles)), fontsize=7)
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=legend_cols, fontsize=7)
     atomic_write_png(fig, path)
 
 
