@@ -554,6 +554,7 @@ def row_normalised(cm):
 
 
 def plot_confusion(metrics: dict, path: Path, classnames=None):
+    """confusion.png: a panel per block (test, base, novel, ...), coloured by row share."""
     blocks = {k: v for k, v in metrics.items() if isinstance(v, dict) and "confusion_matrix" in v}
     if not blocks:
         return
