@@ -619,13 +619,69 @@ def library_versions() -> dict:
             "timm": timm.__version__, "transformers": transformers.__version__, "numpy": np.__version__}
 
 
-def write_metrics(folder: Path, args, metrics: dict, timings: dict, extra: dict | None = None):
+def write_metrics(folder: Path, args, metrics: dict, timings: dict, extra: dict | None = None,
+                  classnames=None):
+    """metrics.json, and confusion.png beside it (one panel per block of `metrics` that has a
+    confusion matrix). `classnames` labels the axes: a list for every block of that many
+    classes, or {block: list} (base-to-novel: base and novel classes differ)."""
     record = {"args": dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args),
               "metrics": metrics, "timings": timings, "versions": library_versions(),
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()}
     record.update(extra or {})
     atomic_write_json(Path(folder) / "metrics.json", record)
+    plot_confusion(metrics, Path(folder) / "confusion.png", classnames)
     return record
+
+
+def _figure(width, height):
+    """A matplotlib figure drawn by the Agg backend: no display, no pyplot state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def atomic_write_png(fig, path: Path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, path)
+
+
+def row_normalised(cm):
+    """Each row (true class) of a confusion matrix divided by its count: recall on the diagonal."""
+    cm = np.asarray(cm, dtype=float)
+    return cm / np.maximum(cm.sum(1, keepdims=True), 1)
+
+
+def plot_confusion(metrics: dict, path: Path, classnames=None):
+    """confusion.png: a panel per block (test, base, novel, ...), coloured by row share."""
+    blocks = {k: v for k, v in metrics.items() if isinstance(v, dict) and "confusion_matrix" in v}
+    if not blocks:
+        return
+    sizes = [len(v["confusion_matrix"]) for v in blocks.values()]
+    side = 1.6 + 0.45 * max(sizes)
+    fig = _figure(side * len(blocks), side + 0.6)
+    for ax, (block, m) in zip(fig.subplots(1, len(blocks), squeeze=False)[0], blocks.items()):
+        cm = np.asarray(m["confusion_matrix"])
+        C = len(cm)
+        names = classnames.get(block) if isinstance(classnames, dict) else classnames
+        names = list(names) if names is not None and len(names) == C else [str(i) for i in range(C)]
+        share = row_normalised(cm)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for i in range(C):
+            for j in range(C):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if share[i, j] > 0.6 else "black")
+        ax.set_xticks(range(C), names, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(C), names, fontsize=7)
+        ax.set_xlabel("predicted", fontsize=8)
+        ax.set_ylabel("true", fontsize=8)
+        ax.set_title(f"{block}: accuracy {m['accuracy']:.1f}%\n(colour: row share, text: count)", fontsize=8)
+    atomic_write_png(fig, path)
 
 
 def run_cli(main, args_cls, description: str = "", argv=None):
@@ -645,21 +701,123 @@ def run_cli(main, args_cls, description: str = "", argv=None):
         sys.exit(130)
 
 
+# --------------------------------------------------------------------------- zero-shot
+# BiomedCLIP's published zero-shot accuracy (%) on each dataset's full test split, for
+# `python common.py zeroshot` to print beside the measured one. Only figures read from the
+# BiomedCoOp paper (Koleilat et al., CVPR 2025, arXiv 2411.15232) belong here, with the
+# table they come from; a dataset without a verified figure is left out rather than guessed.
+# Its per-dataset zero-shot rows could not be retrieved on the machines this was written on
+# (see the README, "Zero-shot baseline"), so no dataset has one yet.
+PUBLISHED_ZERO_SHOT: dict[str, float] = {}
+
+
+@dataclasses.dataclass
+class ZeroShotArgs:
+    dataset: str = arg("btmri", "benchmark name, synthetic, or a folder with one sub-folder per class")
+    backbone: str = arg("biomedclip", "frozen backbone (see common.py)")
+    root: str = arg("data", "folder holding the benchmark datasets")
+    download: bool = arg(False, "fetch a missing benchmark dataset from the Hugging Face hub")
+    device: str = arg("auto", "cpu, cuda, cuda:N or auto")
+    out: str = arg("runs", "results go to OUT/zeroshot/<dataset>/seed1/")
+    overwrite: bool = arg(False, "replace a finished zero-shot result")
+    batch_size: int = arg(100, "images per forward pass")
+    workers: int = arg(4, "data loader worker processes")
+
+
+@torch.no_grad()
+def encode_images(backbone: Backbone, loader):
+    """Frozen image features (n, E) and labels (n,) of every batch of `loader`."""
+    from tqdm import tqdm
+
+    feats, labels = [], []
+    for images, y in tqdm(loader, desc="encode test images", leave=False, disable=None):
+        feats.append(backbone.encode_image(images.to(backbone.device)).float())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def zeroshot(args: ZeroShotArgs) -> dict:
+    """The frozen backbone on the test split, with no training: each image goes to the class
+    whose text feature is nearest. Two class features, from one pass over the images:
+      test          the dataset's clinical template with the class name ("a MR photo of a
+                    glioma tumor in the brain.")
+      descriptions  the normalised mean of the class's expert descriptions (BiomedAP's high anchor)
+    Writes OUT/zeroshot/<dataset>/seed1/metrics.json (one seed: nothing here is random)."""
+    import data
+    from data import ImageDataset, build_transform, load_class_text, load_splits, make_loader
+
+    validate_args(args)
+    folder = Path(args.out) / "zeroshot" / data.dataset_key(args.dataset) / "seed1"
+    if (folder / "metrics.json").exists() and not args.overwrite:
+        raise UserError(f"{folder} already holds a zero-shot result; pass --overwrite to redo it "
+                        f"or --out to write elsewhere")
+    device = resolve_device(args.device)
+    start = time.perf_counter()
+    backbone = load_backbone(args.backbone, device)
+    splits = load_splits(args.dataset, args.root, args.download, image_size=backbone.image_size)
+    names = splits.classnames
+    text = load_class_text(args.dataset, names, args.root)
+    transform = build_transform(backbone.image_size, backbone.mean, backbone.std)
+    loader = make_loader(ImageDataset(splits.test, transform), args.batch_size, False, 1, args.workers)
+    encode_start = time.perf_counter()
+    feats, labels = encode_images(backbone, loader)  # (n, E), (n,)
+    encode_s = time.perf_counter() - encode_start
+    template = encode_sentences(backbone, [text["template"].format(c) for c in names])  # (C, E)
+    described = class_centroids(backbone, [text["classes"][c]["descriptions"] for c in names])  # (C, E)
+    metrics = {name: classification_metrics(zero_shot_logits(feats, classes, backbone.logit_scale), labels,
+                                            len(names))
+               for name, classes in (("test", template), ("descriptions", described))}
+    timings = {"encode_s": encode_s, "total_s": time.perf_counter() - start}
+    write_metrics(folder, args, metrics, timings, {"classnames": names}, classnames=names)
+    published = PUBLISHED_ZERO_SHOT.get(data.dataset_key(args.dataset))
+    print(f"zero-shot {splits.name} ({args.backbone}, {metrics['test']['n']} test images): "
+          f"template {metrics['test']['accuracy']:.2f}, descriptions {metrics['descriptions']['accuracy']:.2f}"
+          + (f"; published BiomedCLIP {published:.2f}" if published is not None else "")
+          + f" -> {folder / 'metrics.json'}")
+    return metrics
+
+
 # --------------------------------------------------------------------------- summaries
+def _run_key(parts):
+    """(folder, method, dataset, shots, protocol, seed) from the parts of a metrics.json path
+    below the summarised folder, or None when it is not in a run folder:
+        <folder>/<method>/<dataset>/<K>shot[_base2novel]/seed<S>/metrics.json
+        <folder>/zeroshot/<dataset>/seed<S>/metrics.json            (shots 0)
+    <folder> is whatever lies above (empty, "smoke/tiny", ...)."""
+    *dirs, seed_dir, _ = parts
+    if not (seed_dir.startswith("seed") and seed_dir[4:].isdigit()):
+        return None
+    if len(dirs) >= 3:
+        shots, found, protocol = dirs[-1].partition("shot")
+        if found and shots.isdigit() and protocol in ("", "_base2novel"):
+            return ("/".join(dirs[:-3]), dirs[-3], dirs[-2], int(shots),
+                    "base2novel" if protocol else "fewshot", int(seed_dir[4:]))
+    if len(dirs) >= 2 and dirs[-2] == "zeroshot":
+        return "/".join(dirs[:-2]), "zeroshot", dirs[-1], 0, "zeroshot", int(seed_dir[4:])
+    return None
+
+
 def _collect(root: Path):
-    """{(method, dataset, shots, protocol): {seed: metrics}} from every metrics.json."""
+    """{(folder, method, dataset, shots, protocol): {seed: metrics}} from every metrics.json at
+    any depth below `root`. Runs are kept apart by the folder above <method>, so runs of the
+    same method and dataset made in two places (two backbones, say) never share a cell."""
     runs = {}
-    for path in sorted(Path(root).glob("*/*/*shot*/seed*/metrics.json")):
-        method, dataset, shot_dir, seed_dir = path.parts[-5:-1]
-        shots, _, protocol = shot_dir.partition("shot")
+    for path in sorted(Path(root).rglob("metrics.json")):
+        key = _run_key(path.relative_to(root).parts)
+        if key is None:
+            print(f"skipping {path}: not in a <method>/<dataset>/<K>shot/seed<S>/ folder", file=sys.stderr)
+            continue
         try:
             metrics = json.loads(path.read_text())["metrics"]
         except (ValueError, KeyError):
             print(f"skipping unreadable {path}", file=sys.stderr)
             continue
-        key = (method, dataset, int(shots), "base2novel" if protocol else "fewshot")
-        runs.setdefault(key, {})[int(seed_dir[4:])] = metrics
+        runs.setdefault(key[:5], {})[key[5]] = metrics
     return runs
+
+
+def _label(folder, method):
+    return f"{folder}/{method}" if folder else method
 
 
 def _mean_std(values):
@@ -668,81 +826,223 @@ def _mean_std(values):
 
 
 def summarize(root="runs") -> str:
-    """Tables per method: few-shot accuracy (datasets x shots, mean +- std over seeds and
-    the average over datasets), base-to-novel (base, novel, true harmonic mean, and the
-    arithmetic mean labelled as such, with and without BUSI), prompt robustness.
-    Writes summary.md and summary.csv into `root` and returns the markdown."""
+    """Tables per folder and method: zero-shot (template and description scoring), few-shot
+    accuracy (datasets x shots with the zero-shot column at K=0, mean +- std over seeds and the
+    average over datasets), base-to-novel (base, novel, true harmonic mean, and the arithmetic
+    mean labelled as such, with and without BUSI), prompt robustness. Runs are found at any
+    depth and grouped by the folder above <method> (shown in each heading).
+    Writes summary.md, summary.csv, fewshot.png and (with base-to-novel runs) base2novel.png
+    into `root` and returns the markdown."""
     root = Path(root)
     runs = _collect(root)
-    lines, rows = [], [["method", "protocol", "dataset", "shots", "metric", "mean", "std", "seeds"]]
-    for method in sorted({k[0] for k in runs}):
-        few = {k: v for k, v in runs.items() if k[0] == method and k[3] == "fewshot"}
-        if few:
-            shots = sorted({k[2] for k in few})
-            datasets = sorted({k[1] for k in few})
-            lines += [f"## {method}: few-shot accuracy (%), mean ± std over seeds", "",
-                      "| dataset | " + " | ".join(f"K={k}" for k in shots) + " |",
-                      "|---|" + "---|" * len(shots)]
-            per_shot = {k: [] for k in shots}
-            for d in datasets:
-                cells = []
-                for k in shots:
-                    seeds = few.get((method, d, k, "fewshot"), {})
-                    if not seeds:
-                        cells.append("–")
-                        continue
-                    m, s = _mean_std([r["test"]["accuracy"] for r in seeds.values()])
-                    per_shot[k].append(m)
-                    cells.append(f"{m:.2f} ± {s:.2f} ({len(seeds)})")
-                    rows.append([method, "fewshot", d, k, "accuracy", f"{m:.4f}", f"{s:.4f}", len(seeds)])
-                lines.append(f"| {d} | " + " | ".join(cells) + " |")
-            lines.append("| **average** | " + " | ".join(
-                f"{np.mean(v):.2f} ({len(v)} datasets)" if v else "–" for v in per_shot.values()) + " |")
-            lines.append("")
-            lines += _robustness_table(method, few, rows)
-        b2n = {k: v for k, v in runs.items() if k[0] == method and k[3] == "base2novel"}
-        if b2n:
-            lines += [f"## {method}: base-to-novel accuracy (%), mean over seeds", "",
-                      "| dataset | shots | base | novel | HM (harmonic) | arithmetic mean |", "|---|---|---|---|---|---|"]
-            table = {}
-            for (_, d, k, _), seeds in sorted(b2n.items()):
-                base = np.mean([r["base"]["accuracy"] for r in seeds.values()])
-                novel = np.mean([r["novel"]["accuracy"] for r in seeds.values()])
-                table[d] = (base, novel)
-                lines.append(f"| {d} | {k} | {base:.2f} | {novel:.2f} | {harmonic_mean(base, novel):.2f} | "
-                             f"{(base + novel) / 2:.2f} |")
-                rows += [[method, "base2novel", d, k, "base", f"{base:.4f}", "", len(seeds)],
-                         [method, "base2novel", d, k, "novel", f"{novel:.4f}", "", len(seeds)]]
-            for label, keep in (("average", lambda d: True), ("average without BUSI", lambda d: d != "busi")):
-                vals = [v for d, v in table.items() if keep(d)]
-                if vals:
-                    base, novel = np.mean([v[0] for v in vals]), np.mean([v[1] for v in vals])
-                    mean_hm = np.mean([harmonic_mean(*v) for v in vals])
-                    lines.append(f"| **{label}** ({len(vals)}) | | {base:.2f} | {novel:.2f} | "
-                                 f"{harmonic_mean(base, novel):.2f} (mean of per-dataset HM {mean_hm:.2f}) | "
+    folders = sorted({k[0] for k in runs})
+    counts = {f: sum(len(v) for k, v in runs.items() if k[0] == f) for f in folders}
+    lines = [f"Read {sum(counts.values())} runs under {root}: "
+             + ", ".join(f"{f or '.'} ({n})" for f, n in counts.items()), ""]
+    rows = [["folder", "method", "protocol", "dataset", "shots", "metric", "mean", "std", "seeds"]]
+    for folder in folders:
+        zero = {k[2]: v for k, v in runs.items() if k[0] == folder and k[3:] == (0, "zeroshot")}
+        lines += _zero_shot_table(folder, zero, rows)
+        for method in sorted({k[1] for k in runs if k[0] == folder} - {"zeroshot"}):
+            label = _label(folder, method)
+            few = {k: v for k, v in runs.items() if k[:2] == (folder, method) and k[4] == "fewshot"}
+            if few:
+                lines += _fewshot_table(folder, method, few, zero, rows)
+                lines += _robustness_table(folder, method, few, rows)
+            b2n = {k: v for k, v in runs.items() if k[:2] == (folder, method) and k[4] == "base2novel"}
+            if b2n:
+                lines += [f"## {label}: base-to-novel accuracy (%), mean over seeds", "",
+                          "| dataset | shots | base | novel | HM (harmonic) | arithmetic mean |",
+                          "|---|---|---|---|---|---|"]
+                table = {}
+                for (_, _, d, k, _), seeds in sorted(b2n.items()):
+                    base = np.mean([r["base"]["accuracy"] for r in seeds.values()])
+                    novel = np.mean([r["novel"]["accuracy"] for r in seeds.values()])
+                    table[d] = (base, novel)
+                    lines.append(f"| {d} | {k} | {base:.2f} | {novel:.2f} | {harmonic_mean(base, novel):.2f} | "
                                  f"{(base + novel) / 2:.2f} |")
-            lines.append("")
-    text = "\n".join(lines) if lines else f"no finished runs under {root}"
+                    rows += [[folder, method, "base2novel", d, k, "base", f"{base:.4f}", "", len(seeds)],
+                             [folder, method, "base2novel", d, k, "novel", f"{novel:.4f}", "", len(seeds)]]
+                for name, keep in (("average", lambda d: True), ("average without BUSI", lambda d: d != "busi")):
+                    vals = [v for d, v in table.items() if keep(d)]
+                    if vals:
+                        base, novel = np.mean([v[0] for v in vals]), np.mean([v[1] for v in vals])
+                        mean_hm = np.mean([harmonic_mean(*v) for v in vals])
+                        lines.append(f"| **{name}** ({len(vals)}) | | {base:.2f} | {novel:.2f} | "
+                                     f"{harmonic_mean(base, novel):.2f} (mean of per-dataset HM {mean_hm:.2f}) | "
+                                     f"{(base + novel) / 2:.2f} |")
+                lines.append("")
+    text = "\n".join(lines) if runs else f"no finished runs under {root}"
     root.mkdir(parents=True, exist_ok=True)
     (root / "summary.md").write_text(text + "\n")
     with open(root / "summary.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
+    series = fewshot_series(runs)
+    if series:
+        plot_fewshot(series, root / "fewshot.png")
+    bars = base2novel_series(runs)
+    if bars:
+        plot_base2novel(bars, root / "base2novel.png")
     return text
 
 
-def _robustness_table(method, few, rows):
+def _zero_shot_table(folder, zero, rows):
+    if not zero:
+        return []
+    published = any(d in PUBLISHED_ZERO_SHOT for d in zero)
+    lines = [f"## {_label(folder, 'zeroshot')}: zero-shot accuracy (%) of the frozen backbone", "",
+             "| dataset | clinical template | mean of expert descriptions |" + (" published BiomedCLIP |" if published else ""),
+             "|---|---|---|" + ("---|" if published else "")]
+    for d, seeds in sorted(zero.items()):
+        cells = []
+        for block in ("test", "descriptions"):
+            m, s = _mean_std([r[block]["accuracy"] for r in seeds.values()])
+            cells.append(f"{m:.2f}")
+            rows.append([folder, "zeroshot", "zeroshot", d, 0, "accuracy" if block == "test" else "descriptions_accuracy",
+                         f"{m:.4f}", f"{s:.4f}", len(seeds)])
+        if published:
+            cells.append(f"{PUBLISHED_ZERO_SHOT[d]:.2f}" if d in PUBLISHED_ZERO_SHOT else "–")
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _fewshot_table(folder, method, few, zero, rows):
+    """Datasets x shots; the first column is the zero-shot run of the same folder (template)."""
+    shots = sorted({k[3] for k in few})
+    datasets = sorted({k[2] for k in few})
+    lines = [f"## {_label(folder, method)}: few-shot accuracy (%), mean ± std over seeds (K=0: zero-shot)", "",
+             "| dataset | K=0 | " + " | ".join(f"K={k}" for k in shots) + " |", "|---|---|" + "---|" * len(shots)]
+    per_shot = {k: [] for k in [0, *shots]}
+    for d in datasets:
+        cells = []
+        for k in [0, *shots]:
+            seeds = zero.get(d, {}) if k == 0 else few.get((folder, method, d, k, "fewshot"), {})
+            if not seeds:
+                cells.append("–")
+                continue
+            m, s = _mean_std([r["test"]["accuracy"] for r in seeds.values()])
+            per_shot[k].append(m)
+            cells.append(f"{m:.2f}" if k == 0 else f"{m:.2f} ± {s:.2f} ({len(seeds)})")
+            if k:
+                rows.append([folder, method, "fewshot", d, k, "accuracy", f"{m:.4f}", f"{s:.4f}", len(seeds)])
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    lines.append("| **average** | " + " | ".join(
+        f"{np.mean(v):.2f} ({len(v)} datasets)" if v else "–" for v in per_shot.values()) + " |")
+    return lines + [""]
+
+
+def _robustness_table(folder, method, few, rows):
     robust = {k: v for k, v in few.items() if all("robustness" in r for r in v.values())}
     if not robust:
         return []
     names = list(next(iter(next(iter(robust.values())).values()))["robustness"]["accuracy"])
-    lines = [f"## {method}: accuracy (%) under prompt perturbations, mean over seeds", "",
+    lines = [f"## {_label(folder, method)}: accuracy (%) under prompt perturbations, mean over seeds", "",
              "| dataset | shots | " + " | ".join(names) + " | mean drop |", "|---|---|" + "---|" * (len(names) + 1)]
-    for (_, d, k, _), seeds in sorted(robust.items()):
+    for (_, _, d, k, _), seeds in sorted(robust.items()):
         acc = [np.mean([r["robustness"]["accuracy"][n] for r in seeds.values()]) for n in names]
         drop = np.mean([r["robustness"]["mean_drop"] for r in seeds.values()])
         lines.append(f"| {d} | {k} | " + " | ".join(f"{a:.2f}" for a in acc) + f" | {drop:.2f} |")
-        rows.append([method, "robustness", d, k, "mean_drop", f"{drop:.4f}", "", len(seeds)])
+        rows.append([folder, method, "robustness", d, k, "mean_drop", f"{drop:.4f}", "", len(seeds)])
     return lines + [""]
+
+
+def fewshot_series(runs) -> dict:
+    """What fewshot.png plots: {panel: {label: [(shots, mean, low, high), ...]}}. A panel is a
+    dataset, or "average" when there are several; a label is "<folder>/<method>", or
+    "<folder>/zero-shot" with one point at K=0 (template scoring); low and high are the min
+    and max over seeds. The average panel averages the datasets that have each K; its spread
+    is over the per-seed averages when those datasets share their seeds, else none."""
+    accuracy = {}  # label -> dataset -> shots -> {seed: accuracy}
+    for (folder, method, d, k, protocol), seeds in runs.items():
+        if protocol != "base2novel":
+            label = _label(folder, "zero-shot" if protocol == "zeroshot" else method)
+            accuracy.setdefault(label, {}).setdefault(d, {})[k] = {s: r["test"]["accuracy"] for s, r in seeds.items()}
+    several = len({d for by_dataset in accuracy.values() for d in by_dataset}) > 1
+    series = {}
+    for label, by_dataset in sorted(accuracy.items()):
+        for d, by_shots in by_dataset.items():
+            series.setdefault(d, {})[label] = [(k, float(np.mean(list(a.values()))), min(a.values()), max(a.values()))
+                                               for k, a in sorted(by_shots.items())]
+        if several:
+            points = []
+            for k in sorted({k for by_shots in by_dataset.values() for k in by_shots}):
+                per_dataset = [by_shots[k] for by_shots in by_dataset.values() if k in by_shots]
+                mean = float(np.mean([np.mean(list(a.values())) for a in per_dataset]))
+                seeds = [set(a) for a in per_dataset]
+                if all(s == seeds[0] for s in seeds):
+                    per_seed = [np.mean([a[s] for a in per_dataset]) for s in seeds[0]]
+                    points.append((k, mean, float(min(per_seed)), float(max(per_seed))))
+                else:
+                    points.append((k, mean, mean, mean))
+            series.setdefault("average", {})[label] = points
+    return series
+
+
+def plot_fewshot(series: dict, path: Path):
+    """One panel per dataset (and the average): accuracy against K, a line per method with
+    min-max error bars over seeds, the zero-shot runs as stars at K=0."""
+    panels = sorted(p for p in series if p != "average") + (["average"] if "average" in series else [])
+    shots = sorted({pt[0] for by_label in series.values() for pts in by_label.values() for pt in pts})
+    labels = sorted({label for by_label in series.values() for label in by_label})
+    colour = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    ncols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    legend_cols = min(len(labels), max(ncols, 2))  # about one "<folder>/<method>" per 3 inches
+    fig = _figure(max(3.0 * ncols, 4.5), 2.5 * nrows + 0.2 * math.ceil(len(labels) / legend_cols) + 0.3)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, panel in zip(axes, panels):
+        for label, points in series[panel].items():
+            k, mean, low, high = (np.array(v) for v in zip(*points))
+            zero = label.split("/")[-1] == "zero-shot"
+            ax.errorbar([shots.index(s) for s in k], mean, yerr=[mean - low, high - mean], color=colour[label],
+                        marker="*" if zero else "o", markersize=10 if zero else 4, linestyle="none" if zero else "-",
+                        capsize=2, label=label)
+        ax.set_title(panel, fontsize=9)
+        ax.set_xticks(range(len(shots)), [str(s) for s in shots], fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_xlabel("shots K (0: zero-shot)", fontsize=7)
+        ax.set_ylabel("accuracy (%)", fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
+    handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=legend_cols, fontsize=7)
+    atomic_write_png(fig, path)
+
+
+def base2novel_series(runs) -> dict:
+    """What base2novel.png plots: {"<folder>/<method>": [(name, base, novel, HM), ...]}, means
+    over seeds per dataset (name "<dataset> K=<shots>") and, with several datasets, their
+    average with the true harmonic mean of the averaged base and novel accuracy, as in the table."""
+    bars = {}
+    for (folder, method, d, k, protocol), seeds in sorted(runs.items()):
+        if protocol == "base2novel":
+            base = float(np.mean([r["base"]["accuracy"] for r in seeds.values()]))
+            novel = float(np.mean([r["novel"]["accuracy"] for r in seeds.values()]))
+            bars.setdefault(_label(folder, method), []).append((f"{d} K={k}", base, novel, harmonic_mean(base, novel)))
+    for entries in bars.values():
+        if len(entries) > 1:
+            base, novel = float(np.mean([e[1] for e in entries])), float(np.mean([e[2] for e in entries]))
+            entries.append(("average", base, novel, harmonic_mean(base, novel)))
+    return bars
+
+
+def plot_base2novel(bars: dict, path: Path):
+    """A panel per folder/method: base, novel and harmonic-mean bars for each dataset."""
+    width = max(len(entries) for entries in bars.values())
+    fig = _figure(1.5 + 0.9 * width, 2.6 * len(bars) + 0.4)
+    for ax, (label, entries) in zip(fig.subplots(len(bars), 1, squeeze=False)[:, 0], bars.items()):
+        x = np.arange(len(entries))
+        for i, name in enumerate(("base", "novel", "HM")):
+            ax.bar(x + (i - 1) * 0.27, [e[i + 1] for e in entries], 0.27, label=name, color=f"C{i}")
+        ax.set_xticks(x, [e[0] for e in entries], rotation=30, ha="right", fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("accuracy (%)", fontsize=7)
+        ax.set_title(f"{label}: base-to-novel", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=7)
+    atomic_write_png(fig, path)
 
 
 # --------------------------------------------------------------------------- benchmark
@@ -890,15 +1190,20 @@ def check_setup(argv=None):
 
 
 def cli(argv):
-    """python common.py summarize [RUNS_DIR] | check ..."""
+    """python common.py summarize [RUNS_DIR] | zeroshot ... | check ..."""
     try:
         if argv[:1] == ["summarize"]:
             print(summarize(argv[1] if len(argv) > 1 else "runs"))
+        elif argv[:1] == ["zeroshot"]:
+            run_cli(zeroshot, ZeroShotArgs, "zero-shot accuracy of the frozen backbone on the test split "
+                    "(clinical template and expert descriptions)", argv[1:])
         elif argv[:1] == ["check"]:
             check_setup(argv[1:])
         else:
-            print("usage: python common.py summarize [RUNS_DIR] | check --datasets A B [--backbone NAME] "
-                  "[--root DIR] [--download]", file=sys.stderr)
+            print("usage: python common.py summarize [RUNS_DIR]\n"
+                  "       python common.py zeroshot --dataset DATASET [--backbone ...] (--help for all)\n"
+                  "       python common.py check --datasets A B [--backbone NAME] [--root DIR] [--download]",
+                  file=sys.stderr)
             sys.exit(2)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

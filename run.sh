@@ -6,6 +6,7 @@
 #   bash run.sh base2novel METHOD [DATASETS] [SEEDS]         [--dry-run] [-- FLAGS...]
 #   bash run.sh robustness METHOD [DATASETS] [SHOTS] [SEEDS] [--dry-run] [-- FLAGS...]
 #   bash run.sh tables     METHOD                            [--dry-run] [-- FLAGS...]
+#   bash run.sh zeroshot   [DATASETS]                        [--dry-run] [-- FLAGS...]
 #   bash run.sh summarize  [RUNS_DIR]
 #
 # METHOD is biomedap or biomedvr. DATASETS, SHOTS and SEEDS are quoted lists ("btmri busi",
@@ -26,7 +27,7 @@ ALL_DATASETS="btmri busi chmnist covid ctkidney dermamnist kneexray kvasir lungc
 ALL_SHOTS="1 2 4 8 16"
 ALL_SEEDS="1 2 3"
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 pick() { if [[ -z "${1:-}" || "$1" == "all" ]]; then echo "$2"; else echo "${1//,/ }"; fi; }
 
 # ---- split the command line: positional lists, --dry-run, and FLAGS after "--"
@@ -143,6 +144,12 @@ case "$CMD" in
                 sweep biomedvr fewshot "$ALL_DATASETS" 16 "$ALL_SEEDS" ;;
       *) echo "error: tables needs METHOD: biomedap or biomedvr" >&2; exit 2 ;;
     esac
+    run_jobs ;;
+  zeroshot)  # the frozen backbone's zero-shot accuracy, the K=0 column of the summary
+    for d in $(pick "${POS[1]:-}" "$ALL_DATASETS"); do
+      [[ -f $OUT/zeroshot/$d/seed1/metrics.json ]] && continue
+      JOBS+=("$(quoted $PYTHON common.py zeroshot --dataset "$d" --out "$OUT" "${EXTRA[@]+"${EXTRA[@]}"}")")
+    done
     run_jobs ;;
   summarize) $PYTHON common.py summarize "${POS[1]:-$OUT}" ;;
   *) usage ;;
