@@ -143,10 +143,10 @@ def test_checkpoint_resumes_and_evaluates_on_the_other_device(tmp_path, method, 
     """Stop on src after epoch 1, finish on dst (a src checkpoint resumes on dst), then
     evaluate the finished run on src (a dst checkpoint evaluates on src)."""
     folder = train(method, tmp_path, src, "--stop-after-epoch", 1)
-    assert common.load_checkpoint(folder)["epoch"] == 1 and not (folder / "metrics.json").exists()
+    assert (folder / "checkpoint.pt").is_file() and not (folder / "metrics.json").exists()
     train(method, tmp_path, dst, "--resume")
     record = recorded(folder)
-    assert record["args"]["device"] == dst and common.load_checkpoint(folder)["epoch"] == 2
+    assert record["args"]["device"] == dst and record["metrics"]["test"]["n"] == TEST_IMAGES
     evaluated = cli(METHODS[method][0], "--eval-only", folder, "--device", src, "--workers", 0)
     # the same run scored on the other device: fp32 differences may flip a near tie, no more
     one_image = 100 / TEST_IMAGES
