@@ -80,7 +80,7 @@ from tqdm import tqdm
 from common import (Predictor, UserError, arg, autocast, benchmark_report, check_resume, class_centroids,
                     classification_metrics, encode_sentences, finish_checkpoint, harmonic_mean, list_arg,
                     load_backbone, load_checkpoint, load_finished_run, predict_cli, prepare_run_dir,
-                    resolve_device, rng_state, run_cli, run_dir, seed_everything, set_rng_state, time_ms,
+                    resolve_device, rng_state, run_cli, run_dir, seed_everything, set_rng_state,
                     validate_args, write_metrics)
 from data import (ImageDataset, build_transform, few_shot_splits, load_class_text, load_splits,
                   make_loader, shots_per_class, subsample_classes, synthetic_class_text)
@@ -662,9 +662,11 @@ def load_run(run_dir, device="cpu", backbone=None):
 
 
 def benchmark(args):
-    """A training step (batch 4, 4 classes) against the bare towers' forward and backward; evaluation
-    throughput against the bare image tower. Synthetic class text, random images."""
+    """A training step (--batch-size, 4 classes) against the bare towers' forward and backward;
+    evaluation against the bare image tower's forward, on 16 images on the CPU and
+    --test-batch-size elsewhere. All under --precision. Synthetic class text, random images."""
     device = resolve_device(args.device)
+    autocast(args.precision, device)  # refuses bf16 without CUDA before anything is loaded
     backbone = load_backbone(args.backbone, device)
     text = synthetic_class_text()
     classnames = list(text["classes"])
@@ -686,23 +688,26 @@ def benchmark(args):
         train_step(model, images, labels, optimizer, cfg["lambda"], args)
 
     def floor():
-        h = backbone.image_tokens(images) + token
-        for i in range(backbone.num_blocks):
-            h = backbone.image_block(h, i)
-        (backbone.image_head(h).sum() + backbone.text_from_embeddings(embeds, ids).sum()).backward()
+        with autocast(args.precision, device):
+            h = backbone.image_tokens(images) + token
+            for i in range(backbone.num_blocks):
+                h = backbone.image_block(h, i)
+            loss = backbone.image_head(h).float().sum() + backbone.text_from_embeddings(embeds, ids).float().sum()
+        loss.backward()
 
-    eval_images = torch.randn(16, 3, S, S, device=device)
-    model.eval()
+    n_eval = 16 if device.type == "cpu" else args.test_batch_size
+    eval_images = torch.randn(n_eval, 3, S, S, device=device)
     with torch.no_grad():
-        text_feats = model.text_features()
-        ms = time_ms(lambda: model(eval_images, text_features=text_feats), device, 1, 3)
-        bare = time_ms(lambda: backbone.encode_image(eval_images), device, 1, 3)
+        text_feats = model.eval().text_features()  # once per evaluation, as in `image_features`
+
+    def infer():
+        model.eval()
+        model(eval_images, text_features=text_feats)
+
     extra = {"method": "biomedap", "variant": args.variant, "backbone": args.backbone, "batch": B,
-             "classes": len(classnames), "prompt_length": ids.shape[1],
-             "trainable_parameters": sum(p.numel() for p in params.values()),
-             "eval_images_per_s": round(16e3 / ms, 2), "bare_eval_images_per_s": round(16e3 / bare, 2),
-             "eval_ratio": round(bare / ms, 3)}
-    return benchmark_report(step, floor, device, extra, warmup=1, reps=3)
+             "eval_batch": n_eval, "classes": len(classnames), "prompt_length": ids.shape[1]}
+    return benchmark_report(device, args.precision, step, floor, infer, lambda: backbone.encode_image(eval_images),
+                            n_eval, sum(p.numel() for p in params.values()), extra)
 
 
 if __name__ == "__main__":

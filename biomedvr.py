@@ -480,9 +480,11 @@ def load_run(run_dir, device="cpu", backbone=None):
 
 def benchmark(args):
     """One training step on a batch (default 4) against the floor: the bare frozen image tower's
-    forward and backward to the input on the 2B reprogrammed images; then evaluation throughput
-    against two bare no-grad forward passes. Random attribute banks: the text side is precomputed."""
+    forward and backward to the input on the 2B reprogrammed images; then inference on the batch
+    against two bare forward passes. All under --precision. Random attribute banks: the text side
+    is precomputed."""
     device = common.resolve_device(args.device)
+    common.autocast(args.precision, device)  # refuses bf16 without CUDA before anything is loaded
     common.seed_everything(args.seed)
     backbone = common.load_backbone(args.backbone, device)
     S, B, C = backbone.image_size, args.batch_size or 4, 4
@@ -509,22 +511,10 @@ def benchmark(args):
         z.float().sum().backward()
         floor_input.grad = None
 
-    def infer():
-        with torch.no_grad(), common.autocast(args.precision, device):
-            model(images)
-
-    def infer_floor():
-        with torch.no_grad(), common.autocast(args.precision, device):
-            backbone.encode_image(floor_input)
-
-    reps = dict(warmup=1, reps=3) if device.type == "cpu" else dict(warmup=3, reps=10)
-    eval_ms = common.time_ms(infer, device, **reps)
-    eval_floor_ms = common.time_ms(infer_floor, device, **reps)
-    return common.benchmark_report(step, floor, device, {
-        "batch": B, "backbone": args.backbone, "precision": args.precision,
-        "trainable_parameters": sum(p.numel() for p in model.parameters()),
-        "eval_images_per_s": round(1000 * B / eval_ms, 2),
-        "eval_floor_images_per_s": round(1000 * B / eval_floor_ms, 2)}, **reps)
+    return common.benchmark_report(
+        device, args.precision, step, floor, lambda: model(images), lambda: backbone.encode_image(floor_input),
+        B, sum(p.numel() for p in model.parameters()),
+        {"method": "biomedvr", "backbone": args.backbone, "batch": B, "eval_batch": B, "classes": C})
 
 
 if __name__ == "__main__":

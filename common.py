@@ -1046,7 +1046,24 @@ def plot_base2novel(bars: dict, path: Path):
 
 
 # --------------------------------------------------------------------------- benchmark
+# (warm-up, timed repetitions) per device type: CUDA steps of a few milliseconds need more of
+# both (kernel selection and the caching allocator settle during warm-up), a CPU step of the
+# full-size towers takes seconds.
+BENCHMARK_REPS = {"cpu": (1, 3), "cuda": (10, 50)}
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or "cpu: " and the processor's model name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []
+    return "cpu: " + (names[0] if names else platform.processor() or platform.machine())
+
+
 def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: the peak allocated since the last reset; CPU: the process's peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -1068,17 +1085,36 @@ def time_ms(fn, device: torch.device, warmup: int = 2, reps: int = 5) -> float:
     return float(np.median(times))
 
 
-def benchmark_report(step_fn, floor_fn, device, extra: dict | None = None, warmup=2, reps=5) -> dict:
-    """Time a training step against its floor (the bare frozen towers doing the
-    unavoidable work) in the same process; print and return one JSON line."""
+def benchmark_report(device: torch.device, precision: str, step, floor, infer, infer_floor,
+                     eval_images: int, trainable_parameters: int, extra: dict | None = None) -> dict:
+    """Time a training step against its floor (the bare frozen towers doing the unavoidable
+    forward and backward) and inference against the bare towers' forward, in one process;
+    print and return one JSON line with the same keys for every method (plus `extra`).
+
+    `step` and `floor` open `autocast(precision, device)` around their forward themselves (the
+    backward belongs outside it); `infer` and `infer_floor` (each on `eval_images` images) are
+    run here under torch.no_grad() and that same autocast, so all four see one precision.
+    peak_memory_mb is taken while timing the step (weights included)."""
+    warmup, reps = BENCHMARK_REPS.get(device.type, BENCHMARK_REPS["cuda"])
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad(), autocast(precision, device):
+                fn()
+        return run
+    eval_ms = time_ms(no_grad(infer), device, warmup, reps)
+    eval_floor_ms = time_ms(no_grad(infer_floor), device, warmup, reps)
+    floor_ms = time_ms(floor, device, warmup, reps)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    floor_ms = time_ms(floor_fn, device, warmup, reps)
-    step_ms = time_ms(step_fn, device, warmup, reps)
-    report = {"step_ms": round(step_ms, 2), "floor_ms": round(floor_ms, 2),
-              "ratio": round(step_ms / floor_ms, 3), **(extra or {}),
-              "peak_memory_mb": round(peak_memory_mb(device), 1), "device": str(device),
-              "threads": torch.get_num_threads()}
+    step_ms = time_ms(step, device, warmup, reps)
+    report = {"step_ms": round(step_ms, 2), "floor_ms": round(floor_ms, 2), "ratio": round(step_ms / floor_ms, 3),
+              "eval_images_per_s": round(1000 * eval_images / eval_ms, 2),
+              "eval_floor_images_per_s": round(1000 * eval_images / eval_floor_ms, 2),
+              "eval_ratio": round(eval_ms / eval_floor_ms, 3),  # like ratio: the method's time over the floor's
+              "peak_memory_mb": round(peak_memory_mb(device), 1), "trainable_parameters": trainable_parameters,
+              "device": device_name(device), "precision": precision, "threads": torch.get_num_threads(),
+              "warmup": warmup, "reps": reps, **(extra or {})}
     print(json.dumps(report))
     return report
 
