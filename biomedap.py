@@ -65,25 +65,19 @@ Deviations (from the paper, the official code, or both):
  13. The robustness protocol above is ours: the released code has none.
 """
 import dataclasses
-import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (Predictor, UserError, arg, autocast, benchmark_report, check_resume, class_centroids,
-                    classification_metrics, encode_sentences, finish_checkpoint, harmonic_mean, list_arg,
-                    load_backbone, load_checkpoint, load_finished_run, predict_cli, prepare_run_dir,
-                    resolve_device, rng_state, run_cli, run_dir, seed_everything, set_rng_state,
-                    validate_args, write_metrics)
-from data import (ImageDataset, build_transform, few_shot_splits, load_class_text, load_splits,
-                  make_loader, shots_per_class, subsample_classes, synthetic_class_text)
+import common
+import data
+from common import UserError, arg, list_arg
 
 # Official per-dataset configuration (configs/trainers/BiomedAP/*): n_ctx, few-shot and
 # base-to-novel (lambda_high, lambda_kl, lambda_low). Hyper-parameters, not code.
@@ -110,22 +104,19 @@ PERTURBATIONS = ("clinical", "generic", "article", "minimal", "typo", "descripti
 
 @dataclass
 class Args:
-    dataset: str = arg("btmri", "benchmark name, synthetic, or a folder with one sub-folder per class")
+    dataset: str = arg("btmri", "benchmark name (btmri, busi, ...), synthetic, or your own folder with one "
+                                "sub-folder per class")
     root: str = arg("data", "folder holding the benchmark datasets")
     download: bool = arg(False, "fetch a missing benchmark dataset from the Hugging Face hub")
-    shots: int = arg(16, "K labelled images per class (1, 2, 4, 8, 16)")
-    seed: int = arg(1, "seed of the few-shot subset, initialisation and data order (paper: 1, 2, 3)")
-    subsample: str = arg("all", "all: few-shot; base: train on base classes, test base and novel", ["all", "base"])
+    shots: int = arg(16, "K labelled training images per class")
+    seed: int = arg(1, "seed of the few-shot subset, the initialisation and the data order")
+    subsample: str = arg("all", "all: few-shot on every class; base: train on the base classes, test on base "
+                                "and novel", ["all", "base"])
+    backbone: str = arg("biomedclip", "frozen backbone: biomedclip, clip, hf-hub:ORG/REPO, local-dir:PATH, "
+                                      "MODEL:PRETRAINED, tiny, tiny-clip, biomedclip-random")
+    # the method (official configs/trainers/BiomedAP defaults)
     variant: str = arg("paper", "paper: the method as published; official: the released code's behaviour",
                        ["paper", "official"])
-    backbone: str = arg("biomedclip", "frozen backbone (see common.py)")
-    epochs: int = arg(None, "training epochs; none: official 100 few-shot, 50 base-to-novel")
-    batch_size: int = arg(4, "training batch size (official 4)")
-    test_batch_size: int = arg(100, "evaluation batch size (official 100)")
-    lr: float = arg(0.0025, "SGD learning rate, cosine per epoch (official)")
-    warmup_lr: float = arg(1e-5, "constant learning rate of the one warm-up epoch (official)")
-    momentum: float = arg(0.9, "SGD momentum (official)")
-    weight_decay: float = arg(5e-4, "SGD weight decay (official)")
     n_ctx: int = arg(None, "M learned context tokens; none: official per-dataset value, else all ctx_init tokens")
     n_prompts: int = arg(None, "expert descriptions per class in the high anchor; none: 40 few-shot, 50 b2n")
     prompt_tokens: int = arg(4, "P visual prompt tokens (official 4)")
@@ -138,21 +129,33 @@ class Args:
     lambda_low: float = arg(None, "weight of L1 to the low anchor; none: official per-dataset table")
     lambda_align: float = arg(None, "weight of the fusion alignment loss; none: official 0.1")
     alpha: float = arg(1.0, "confidence-aware weight w = 1 + alpha * normalised entropy (paper variant)")
+    # optimisation
+    epochs: int = arg(None, "training epochs; none: official 100 few-shot, 50 base-to-novel")
+    batch_size: int = arg(4, "training batch size (official 4)")
+    lr: float = arg(0.0025, "SGD learning rate, cosine per epoch (official)")
+    warmup_lr: float = arg(1e-5, "constant learning rate of the one warm-up epoch (official)")
+    momentum: float = arg(0.9, "SGD momentum (official)")
+    weight_decay: float = arg(5e-4, "SGD weight decay (official)")
+    # evaluation
+    test_batch_size: int = arg(100, "evaluation batch size (official 100)")
     infer_context: str = arg("mean", "text context the fusion sees at test time", ["mean", "per-class"])
     robustness: bool = arg(False, "also evaluate under prompt perturbations (see the docstring)")
-    eval_only: str = arg("", "RUN_DIR: evaluate that run's checkpoint with its saved arguments (evaluation "
-                             "options given here win) and rewrite its metrics.json")
+    # running
+    eval_only: str = arg("", "RUN_DIR: evaluate a finished run with its saved arguments (evaluation options "
+                             "given here win) and rewrite its metrics.json")
     predict: list = list_arg(str, "RUN_DIR IMAGE_OR_FOLDER...: classify new images with a finished run "
                                   "(top 3 classes per image)")
     predictions: str = arg("", "with --predict: also write one CSV row per image to this file")
     resume: bool = arg(False, "continue an interrupted run from its checkpoint")
-    overwrite: bool = arg(False, "replace a finished run in the same folder")
-    stop_after_epoch: int = arg(0, "for testing interruption: stop after this epoch without evaluating")
-    device: str = arg("auto", "cpu, cuda, cuda:N or auto")
+    overwrite: bool = arg(False, "replace the run in the same folder (the old one stays until the new one "
+                                 "has a checkpoint)")
+    stop_after_epoch: int = arg(0, "testing: stop after this epoch, leaving only the checkpoint", hidden=True)
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
     precision: str = arg("fp32", "fp32, or bf16 autocast on CUDA", ["fp32", "bf16"])
     workers: int = arg(4, "data loader worker processes (augmentation draws depend on the count: "
                           "keep it fixed to repeat a run)")
-    benchmark: bool = arg(False, "time a training step and evaluation against the bare towers; print JSON")
+    benchmark: bool = arg(False, "time a training step and evaluation against the bare frozen towers, print "
+                                 "one JSON line and exit")
     out: str = arg("runs", "folder of run folders")
 
 
@@ -284,26 +287,37 @@ class BiomedAP(nn.Module):
         ids = pl.ids if ids is None else ids
         return F.normalize(self.backbone.text_from_embeddings(pl(embeds), ids).float(), dim=-1)
 
+    def official_prompts(self, i, h, context):
+        """Released code: P fixed zero tokens overwrite patches 1..P before every block; at a fusion
+        block the zeros are what is fused with the text context, so the result ignores the image."""
+        zeros = self.zero_prompt.expand(h.shape[0], -1, -1)              # (B, P, D)
+        return self.fuse(i, zeros, context) if i in self.fusion_layers else (zeros, None)
+
+    def paper_prompts(self, i, h, context):
+        """Paper: deep visual prompts after CLS. A fusion block fuses the prompt tokens' hidden states
+        from the previous block with the text context (vision-informed prompts); every other
+        block replaces them with its own learnable prompts (VPT-deep)."""
+        if i in self.fusion_layers:
+            return self.fuse(i, h[:, 1:1 + self.P], context)
+        return self.visual_prompts[self.prompt_blocks.index(i)].expand(h.shape[0], -1, -1), None
+
+    def fuse(self, i, visual_prompts, context):
+        """Block i's gated fusion: (B, P, D), (B, M, Dt) -> fused visual prompts, enhanced text context."""
+        return self.fusion[self.fusion_layers.index(i)](visual_prompts, context)
+
     def encode_image(self, images, context):
         """Prompted, fused image tower: images (B, 3, H, W), context (B, M, Dt) ->
         normalised features (B, E) and the fusion's enhanced text contexts [(B, M, Dt)]."""
         bb, P = self.backbone, self.P
         h = bb.image_tokens(images)                                       # (B, 1+N, D)
-        B = h.shape[0]
-        if self.variant == "paper":
-            h = torch.cat([h[:, :1], self.visual_prompts[0].expand(B, -1, -1), h[:, 1:]], dim=1)  # (B, 1+P+N, D)
+        if self.variant == "paper":                                       # P prompt slots after CLS
+            h = torch.cat([h[:, :1], self.visual_prompts[0].expand(h.shape[0], -1, -1), h[:, 1:]], dim=1)
+        block_prompts = self.paper_prompts if self.variant == "paper" else self.official_prompts
         fused_text = []
         for i in range(bb.num_blocks):
-            if self.variant == "official":
-                v = self.zero_prompt.expand(B, -1, -1)                    # overwrites patches 1..P
-                if i in self.fusion_layers:
-                    v, t = self.fusion[self.fusion_layers.index(i)](v, context)
-                    fused_text.append(t)
-            elif i in self.fusion_layers:                                 # vision-informed input
-                v, t = self.fusion[self.fusion_layers.index(i)](h[:, 1:1 + P], context)
+            v, t = block_prompts(i, h, context)                           # (B, P, D), (B, M, Dt) or None
+            if t is not None:
                 fused_text.append(t)
-            else:
-                v = self.visual_prompts[self.prompt_blocks.index(i)].expand(B, -1, -1)
             h = torch.cat([h[:, :1], v.to(h.dtype), h[:, 1 + P:]], dim=1)  # (B, L, D)
             h = bb.image_block(h, i)
         return F.normalize(bb.image_head(h).float(), dim=-1), fused_text
@@ -334,7 +348,7 @@ class BiomedAP(nn.Module):
 # --------------------------------------------------------------------------- anchors
 def high_anchor(backbone, class_text, classnames, n_prompts):
     """h_c = norm(mean_m norm(E_T(description_{c,m}))) over the first n_prompts descriptions: (C, E)."""
-    return class_centroids(backbone, [class_text["classes"][c]["descriptions"][:n_prompts] for c in classnames])
+    return common.class_centroids(backbone, [class_text["classes"][c]["descriptions"][:n_prompts] for c in classnames])
 
 
 @torch.no_grad()
@@ -343,7 +357,7 @@ def low_anchor(backbone, variant, classnames, support=None):
     l_c = norm(mean_k norm(E_I(x_{c,k}))) of the frozen, unprompted image tower, from `support`
     batches (images, labels) of the K support images with the test transform: (C, E)."""
     if variant == "official":
-        return encode_sentences(backbone, list(classnames))
+        return common.encode_sentences(backbone, list(classnames))
     feats = torch.zeros(len(classnames), backbone.embed_dim, device=backbone.device)
     for images, labels in support:
         f = F.normalize(backbone.encode_image(images.to(backbone.device)).float(), dim=-1)  # (B, E)
@@ -379,7 +393,7 @@ def confidence_weight(logits, alpha):
 
 def train_step(model, images, labels, optimizer, lam, args):
     """One optimisation step; returns the logged loss terms and the logits."""
-    with autocast(args.precision, images.device):
+    with common.autocast(args.precision, images.device):
         context = model.prompt_learner.class_context()[labels]                    # (B, M, Dt)
         out = model(images, context=context)
         logits = out["logits"].float()
@@ -424,28 +438,60 @@ def build_model(backbone, classnames, text, cfg, args, device, support=None):
     return model.to(device)
 
 
-def learning_rate(epoch, args, epochs):
-    """One constant warm-up epoch, then cosine over the epochs, stepped per epoch (Dassl)."""
-    return args.warmup_lr if epoch == 0 else args.lr * (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
+def lr_factor(epoch, args, epochs):
+    """Learning rate / lr at 0-based `epoch`: one constant warm-up epoch at warmup_lr, then cosine
+    over the epochs, stepped once per epoch (Dassl's schedule)."""
+    return args.warmup_lr / args.lr if epoch == 0 else (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
 
 
-def trainable(model):
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+def setup(args, device, anchors=True):
+    """The frozen backbone, the model for the training classes (with its two anchors when
+    training), the few-shot splits, the training classes' splits, class text, resolved config."""
+    backbone = common.load_backbone(args.backbone, device)
+    splits = data.load_splits(args.dataset, args.root, args.download, image_size=backbone.image_size)
+    splits = data.few_shot_splits(splits, args.shots, args.seed)
+    train = data.subsample_classes(splits, args.subsample)
+    text = data.load_class_text(args.dataset, splits.classnames, args.root)
+    cfg = resolve(args, args.dataset, backbone, text["ctx_init"])
+    support = make_eval_loader(train.train, backbone, dataclasses.replace(args, workers=0)) if anchors else None
+    model = build_model(backbone, train.classnames, text, cfg, args, device, support)
+    return backbone, model, splits, train, text, cfg
 
 
-def train_one_epoch(model, loader, optimizer, lam, args, device, epoch):
+def make_train_loader(train, backbone, args):
+    """CoOp's augmentation (random-resized crop, no flip); the last partial batch is dropped
+    when a full one exists (Dassl)."""
+    transform = data.build_transform(backbone.image_size, backbone.mean, backbone.std, train=True)
+    return data.make_loader(data.ImageDataset(train.train, transform), args.batch_size, True, args.seed, args.workers)
+
+
+def make_eval_loader(items, backbone, args):
+    transform = data.build_transform(backbone.image_size, backbone.mean, backbone.std, train=False)
+    return data.make_loader(data.ImageDataset(items, transform), args.test_batch_size, False, args.seed, args.workers)
+
+
+def make_optimizer(model, args, epochs):
+    """SGD on the learnable tensors; the schedule of `lr_factor`, stepped once per epoch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(epoch, args, epochs))
+    return optimizer, scheduler
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, args, device, lam):
+    """One pass over the training images (the scheduler steps once, at the end): the mean of each
+    loss term, the training accuracy and the epoch's learning rate."""
     model.train()
-    sums, correct, seen, start = {}, 0, 0, time.perf_counter()
-    for images, labels in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None):
+    sums, correct, seen, lr = {}, 0, 0, optimizer.param_groups[0]["lr"]
+    for images, labels in tqdm(loader, desc="train", leave=False, disable=None):
         images, labels = images.to(device), labels.to(device)
         terms, logits = train_step(model, images, labels, optimizer, lam, args)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v * len(labels)
         correct += int((logits.argmax(-1) == labels).sum())
         seen += len(labels)
-    logs = {k: v / max(seen, 1) for k, v in sums.items()}
-    logs.update(acc=100 * correct / max(seen, 1), lr=optimizer.param_groups[0]["lr"], time=time.perf_counter() - start)
-    return logs
+    scheduler.step()
+    return {**{k: v / seen for k, v in sums.items()}, "train_accuracy": 100 * correct / seen, "lr": lr}
 
 
 @torch.no_grad()
@@ -455,7 +501,7 @@ def image_features(model, loader, args, device):
     text = model.text_features()
     feats, labels = [], []
     for images, y in tqdm(loader, desc="evaluate", leave=False, disable=None):
-        with autocast(args.precision, device):
+        with common.autocast(args.precision, device):
             feats.append(model(images.to(device), text_features=text)["image_features"].float())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
@@ -465,6 +511,14 @@ def score(model, feats, text):
     """Logits (n, C) from image features (n, E), or (n, C, E) with per-class inference."""
     sims = torch.einsum("nce,ce->nc", feats, text) if feats.dim() == 3 else feats @ text.t()
     return model.backbone.logit_scale * sims
+
+
+@torch.no_grad()
+def evaluate(model, loader, args, device):
+    """Classification metrics of one evaluation split."""
+    feats, labels = image_features(model, loader, args, device)
+    return common.classification_metrics(score(model, feats, model.text_features()), labels,
+                                         len(model.prompt_learner.ids))
 
 
 def typo_template(template, ctx_init, rate=0.2):
@@ -488,196 +542,117 @@ def perturbed_sentences(text, classnames):
 
 
 @torch.no_grad()
-def evaluate(model, loader, args, device, text=None):
-    """Test metrics; with `text` (robustness) also accuracy under each prompt perturbation."""
+def evaluate_with_robustness(model, loader, args, device, text, classnames):
+    """Test metrics and the accuracy under each prompt perturbation; the image features do not
+    depend on the fixed part of the prompt, so they are computed once and re-scored."""
     feats, labels = image_features(model, loader, args, device)
-    C = len(model.prompt_learner.ids)
-    metrics = {"test": classification_metrics(score(model, feats, model.text_features()), labels, C)}
-    if text is not None:
-        accuracy = {}
-        for name, sentences in perturbed_sentences(text, text["classes"]).items():
-            ids, embeds = model.prompt_learner.fixed_part(sentences)
-            logits = score(model, feats, model.text_features(embeds, ids))
-            accuracy[name] = classification_metrics(logits, labels, C)["accuracy"]
-        drops = [accuracy["clinical"] - a for n, a in accuracy.items() if n != "clinical"]
-        metrics["robustness"] = {"accuracy": accuracy, "mean_drop": sum(drops) / len(drops)}
+    C = len(classnames)
+    metrics = common.classification_metrics(score(model, feats, model.text_features()), labels, C)
+    accuracy = {}
+    for name, sentences in perturbed_sentences(text, classnames).items():
+        ids, embeds = model.prompt_learner.fixed_part(sentences)
+        accuracy[name] = common.classification_metrics(score(model, feats, model.text_features(embeds, ids)),
+                                                       labels, C)["accuracy"]
+    drops = [accuracy["clinical"] - a for n, a in accuracy.items() if n != "clinical"]
+    return metrics, {"accuracy": accuracy, "mean_drop": sum(drops) / len(drops)}
+
+
+def evaluate_all(model, backbone, splits, train, text, cfg, args, device):
+    """Few-shot: {"test"} (and "robustness"). Base-to-novel: {"base", "novel", "harmonic_mean"}:
+    the same learned tensors with prompts rebuilt for the novel class names."""
+    loader = make_eval_loader(train.test, backbone, args)
+    if args.robustness:
+        first, robustness = evaluate_with_robustness(model, loader, args, device, text, train.classnames)
+    else:
+        first, robustness = evaluate(model, loader, args, device), None
+    metrics = {"test" if args.subsample == "all" else "base": first}
+    if args.subsample == "base":
+        novel = data.subsample_classes(splits, "novel")
+        novel_model = build_model(backbone, novel.classnames, text, cfg, args, device)
+        novel_model.load_state_dict(model.state_dict(), strict=True)
+        metrics["novel"] = evaluate(novel_model, make_eval_loader(novel.test, backbone, args), args, device)
+        metrics["harmonic_mean"] = common.harmonic_mean(metrics["base"]["accuracy"], metrics["novel"]["accuracy"])
+    if robustness is not None:
+        metrics["robustness"] = robustness
     return metrics
 
 
-def eval_loader(items, backbone, args):
-    transform = build_transform(backbone.image_size, backbone.mean, backbone.std, train=False)
-    return make_loader(ImageDataset(items, transform), args.test_batch_size, False, args.seed, args.workers)
-
-
-def restrict(text, classnames):
-    return dict(text, classes={c: text["classes"][c] for c in classnames})
-
-
-def evaluate_all(model, backbone, splits, train_splits, text, cfg, args, device):
-    """Few-shot: the test split. Base-to-novel: base, then the same learned tensors with
-    prompts rebuilt for the novel class names, and the true harmonic mean."""
-    robust = restrict(text, train_splits.classnames) if args.robustness else None
-    metrics = evaluate(model, eval_loader(train_splits.test, backbone, args), args, device, robust)
+def classnames_of(splits, train, args):
+    """Class names per evaluation block, for the axes of confusion.png."""
     if args.subsample == "all":
-        return metrics
-    novel = subsample_classes(splits, "novel")
-    novel_model = build_model(backbone, novel.classnames, text, cfg, args, device)
-    novel_model.load_state_dict(model.state_dict(), strict=True)
-    result = {"base": metrics.pop("test"), **metrics}
-    result["novel"] = evaluate(novel_model, eval_loader(novel.test, backbone, args), args, device)["test"]
-    result["harmonic_mean"] = harmonic_mean(result["base"]["accuracy"], result["novel"]["accuracy"])
-    return result
-
-
-def prepare(args, device):
-    """Backbone, few-shot splits, the training classes' splits, class text, resolved config."""
-    backbone = load_backbone(args.backbone, device)
-    splits = load_splits(args.dataset, args.root, args.download, image_size=backbone.image_size)
-    splits = few_shot_splits(splits, args.shots, args.seed)
-    train_splits = subsample_classes(splits, args.subsample)
-    text = load_class_text(args.dataset, splits.classnames, args.root)
-    return backbone, splits, train_splits, text, resolve(args, args.dataset, backbone, text["ctx_init"])
-
-
-EVAL_FIELDS = ("robustness", "infer_context", "device", "precision", "workers", "root", "test_batch_size")
-
-
-def main(args):
-    if args.benchmark:
-        return benchmark(args)
-    if args.eval_only:
-        return eval_only(args)
-    if args.predict:
-        return predict_cli(args, load_run)
-    validate_args(args)
-    device = resolve_device(args.device)
-    autocast(args.precision, device)  # refuses bf16 without CUDA before anything is loaded
-    method = "biomedap" if args.variant == "paper" else "biomedap-official"
-    run = prepare_run_dir(run_dir(args.out, method, args.dataset, args.shots, args.seed, args.subsample),
-                          args.overwrite, args.resume)
-    folder = run.path
-    seed_everything(args.seed)
-    backbone, splits, train_splits, text, cfg = prepare(args, device)
-    support = eval_loader(train_splits.train, backbone, dataclasses.replace(args, workers=0))
-    model = build_model(backbone, train_splits.classnames, text, cfg, args, device, support)
-    params = trainable(model)
-    groups = {}  # a fusion module's tensors are listed as one entry
-    for n, p in params.items():
-        groups.setdefault(".".join(n.split(".")[:2]) if n.startswith("fusion.") else n, []).append(p)
-    print("trainable: " + ", ".join(f"{g} {tuple(ps[0].shape) if len(ps) == 1 else f'({len(ps)} tensors)'} "
-                                    f"{sum(p.numel() for p in ps):,}" for g, ps in groups.items()))
-    print(f"trainable parameters: {sum(p.numel() for p in params.values()):,}   config: {cfg}")
-    optimizer = torch.optim.SGD(params.values(), lr=args.warmup_lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    transform = build_transform(backbone.image_size, backbone.mean, backbone.std, train=True)
-    loader = make_loader(ImageDataset(train_splits.train, transform), args.batch_size, True, args.seed, args.workers)
-    start_epoch = 0
-    if args.resume:
-        ckpt = load_checkpoint(folder)  # a missing checkpoint is an error, not a fresh start
-        check_resume(ckpt["args"], args)
-        model.load_state_dict(ckpt["trainable"], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        loader.generator.set_state(ckpt["loader_generator"])
-        start_epoch = run.saved_epoch = ckpt["epoch"]
-        print(f"resuming after epoch {start_epoch}")
-    train_start = time.perf_counter()
-    with run.stop_on_ctrl_c():
-        for epoch in range(start_epoch, cfg["epochs"]):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(epoch, args, cfg["epochs"])
-            logs = train_one_epoch(model, loader, optimizer, cfg["lambda"], args, device, epoch)
-            print(f"epoch {epoch + 1}/{cfg['epochs']} " + " ".join(
-                f"{k} {v:.4g}" for k, v in logs.items()), flush=True)
-            run.save_checkpoint({
-                "trainable": {n: p.detach().cpu() for n, p in trainable(model).items()}, "args": asdict(args),
-                "epoch": epoch + 1, "optimizer": optimizer.state_dict(), "lr": optimizer.param_groups[0]["lr"],
-                "rng": rng_state(), "loader_generator": loader.generator.get_state(),
-            "classnames": train_splits.classnames})
-            if args.stop_after_epoch and epoch + 1 >= args.stop_after_epoch:
-                print(f"stopped after epoch {epoch + 1} (--stop-after-epoch); continue with --resume")
-                return None
-    train_s = time.perf_counter() - train_start
-    eval_start = time.perf_counter()
-    metrics = evaluate_all(model, backbone, splits, train_splits, text, cfg, args, device)
-    timings = {"train_s": train_s, "eval_s": time.perf_counter() - eval_start}
-    extra = {"config": cfg, "trainable_parameters": sum(p.numel() for p in params.values()),
-             "shots_per_class": shots_per_class(train_splits)}
-    write_metrics(folder, args, metrics, timings, extra)
-    finish_checkpoint(folder)
-    print(f"metrics: {summary_line(metrics)} -> {folder / 'metrics.json'}")
-    return metrics
+        return {"test": train.classnames}
+    return {"base": train.classnames, "novel": data.subsample_classes(splits, "novel").classnames}
 
 
 def summary_line(metrics):
+    keys = [k for k in ("test", "base", "novel") if k in metrics]
+    text = " ".join(f"{k} acc {metrics[k]['accuracy']:.2f} f1 {metrics[k]['macro_f1']:.2f} "
+                    f"ece {metrics[k]['ece']:.2f}" for k in keys)
     if "harmonic_mean" in metrics:
-        return (f"base {metrics['base']['accuracy']:.2f} novel {metrics['novel']['accuracy']:.2f} "
-                f"HM {metrics['harmonic_mean']:.2f}")
-    return f"accuracy {metrics['test']['accuracy']:.2f}"
+        text += f" HM {metrics['harmonic_mean']:.2f}"
+    if "robustness" in metrics:
+        text += f" robustness mean drop {metrics['robustness']['mean_drop']:.2f}"
+    return text
+
+
+def folder_of(args):
+    """runs/[<backbone>/]biomedap[-official]/<dataset>/<K>shot[_base2novel]/seed<S>/"""
+    method = "biomedap" if args.variant == "paper" else "biomedap-official"
+    return common.run_dir(args.out, method, args.dataset, args.shots, args.seed, args.subsample, args.backbone)
 
 
 def eval_only(cli):
-    """Evaluate a run folder's checkpoint with its own training arguments (and this call's
-    evaluation options) and rewrite its metrics.json."""
-    folder = Path(cli.eval_only)
-    ckpt = load_checkpoint(folder)
-    saved = {f.name for f in dataclasses.fields(Args)}
-    args = Args(**{k: v for k, v in ckpt["args"].items() if k in saved})
-    defaults = Args()  # evaluation options given on this command line win over the saved ones
-    args = dataclasses.replace(args, **{k: getattr(cli, k) for k in EVAL_FIELDS
-                                        if getattr(cli, k) != getattr(defaults, k)})
-    device = resolve_device(args.device)
-    backbone, splits, train_splits, text, cfg = prepare(args, device)
-    if ckpt["epoch"] != cfg["epochs"]:
-        raise UserError(f"{folder} holds an unfinished run (epoch {ckpt['epoch']} of {cfg['epochs']}); "
+    """Evaluate a finished run with its saved arguments (evaluation options given on this command
+    line win, e.g. --robustness) and rewrite its metrics.json."""
+    ckpt, args, given = common.eval_only_args(cli, Args)
+    device = common.resolve_device(args.device)
+    backbone, model, splits, train, text, cfg = setup(args, device, anchors=False)
+    if ckpt["epoch"] < cfg["epochs"]:
+        raise UserError(f"{cli.eval_only} is unfinished (epoch {ckpt['epoch']} of {cfg['epochs']}): "
                         f"finish it with --resume")
-    model = build_model(backbone, train_splits.classnames, text, cfg, args, device)
-    model.load_state_dict(ckpt["trainable"], strict=True)
+    common.load_trainable(model, ckpt["trainable"])
     start = time.perf_counter()
-    metrics = evaluate_all(model, backbone, splits, train_splits, text, cfg, args, device)
-    old = folder / "metrics.json"
-    timings = json.loads(old.read_text()).get("timings", {}) if old.is_file() else {}
-    timings["eval_s"] = time.perf_counter() - start
-    extra = {"config": cfg, "trainable_parameters": sum(p.numel() for p in trainable(model).values()),
-             "shots_per_class": shots_per_class(train_splits)}
-    write_metrics(folder, args, metrics, timings, extra)
-    print(f"metrics: {summary_line(metrics)} -> {old}")
+    metrics = evaluate_all(model, backbone, splits, train, text, cfg, args, device)
+    common.write_eval_only(cli.eval_only, args, metrics, time.perf_counter() - start, given,
+                           {"config": cfg, "shots_per_class": data.shots_per_class(train)},
+                           classnames_of(splits, train, args))
+    print(summary_line(metrics), f"-> {cli.eval_only}/metrics.json")
     return metrics
 
 
 def load_run(run_dir, device="cpu", backbone=None):
     """A finished run as a `common.Predictor`: `load_run(RUN_DIR)(images)` gives each image's class
     probabilities. Needs the run folder, the backbone and the class text only."""
-    ckpt, args = load_finished_run(run_dir, Args)
+    ckpt, args = common.load_finished_run(run_dir, Args)
     classnames = ckpt["classnames"]
-    backbone = backbone or load_backbone(args.backbone, device)
-    text = load_class_text(args.dataset, classnames, args.root)
+    backbone = backbone or common.load_backbone(args.backbone, device)
+    text = data.load_class_text(args.dataset, classnames, args.root)
     cfg = resolve(args, args.dataset, backbone, text["ctx_init"])
     if ckpt["epoch"] < cfg["epochs"]:
         raise UserError(f"{run_dir} is unfinished (epoch {ckpt['epoch']} of {cfg['epochs']}): finish it with --resume")
     model = build_model(backbone, classnames, text, cfg, args, device)
-    model.load_state_dict(ckpt["trainable"], strict=True)
-    transform = build_transform(backbone.image_size, backbone.mean, backbone.std, train=False)
-    return Predictor(model, transform, classnames, device)
+    common.load_trainable(model, ckpt["trainable"])
+    transform = data.build_transform(backbone.image_size, backbone.mean, backbone.std, train=False)
+    return common.Predictor(model, transform, classnames, device)
 
 
 def benchmark(args):
     """A training step (--batch-size, 4 classes) against the bare towers' forward and backward;
     evaluation against the bare image tower's forward, on 16 images on the CPU and
     --test-batch-size elsewhere. All under --precision. Synthetic class text, random images."""
-    device = resolve_device(args.device)
-    autocast(args.precision, device)  # refuses bf16 without CUDA before anything is loaded
-    backbone = load_backbone(args.backbone, device)
-    text = synthetic_class_text()
+    device = common.resolve_device(args.device)
+    common.autocast(args.precision, device)  # refuses bf16 without CUDA before anything is loaded
+    backbone = common.load_backbone(args.backbone, device)
+    text = data.synthetic_class_text()
     classnames = list(text["classes"])
     cfg = resolve(args, "synthetic", backbone, text["ctx_init"])
-    seed_everything(args.seed)
+    common.seed_everything(args.seed)
     S, B = backbone.image_size, args.batch_size
     images = torch.randn(B, 3, S, S, device=device)
     labels = torch.arange(B, device=device) % len(classnames)
     model = build_model(backbone, classnames, text, cfg, dataclasses.replace(args, infer_context="mean"), device,
                         support=[(images, labels)])  # the paper's prototypes: from the random batch
-    params = trainable(model)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.SGD(params.values(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     ids = model.prompt_learner.ids
     token = torch.zeros(1, 1, backbone.image_width, device=device, requires_grad=True)  # dummy learnable
@@ -688,7 +663,7 @@ def benchmark(args):
         train_step(model, images, labels, optimizer, cfg["lambda"], args)
 
     def floor():
-        with autocast(args.precision, device):
+        with common.autocast(args.precision, device):
             h = backbone.image_tokens(images) + token
             for i in range(backbone.num_blocks):
                 h = backbone.image_block(h, i)
@@ -706,10 +681,59 @@ def benchmark(args):
 
     extra = {"method": "biomedap", "variant": args.variant, "backbone": args.backbone, "batch": B,
              "eval_batch": n_eval, "classes": len(classnames), "prompt_length": ids.shape[1]}
-    return benchmark_report(device, args.precision, step, floor, infer, lambda: backbone.encode_image(eval_images),
+    return common.benchmark_report(device, args.precision, step, floor, infer, lambda: backbone.encode_image(eval_images),
                             n_eval, sum(p.numel() for p in params.values()), extra)
 
 
+def main(args):
+    if args.benchmark:
+        return benchmark(args)
+    if args.eval_only:
+        return eval_only(args)
+    if args.predict:
+        return common.predict_cli(args, load_run)
+    start = time.perf_counter()
+    common.validate_args(args)
+    device = common.resolve_device(args.device)
+    common.autocast(args.precision, device)  # refuses bf16 without CUDA before anything is loaded
+    run = common.prepare_run_dir(folder_of(args), args.overwrite, args.resume)
+    ckpt = common.resume_checkpoint(run, args) if args.resume else None
+    common.seed_everything(args.seed)
+    backbone, model, splits, train, text, cfg = setup(args, device)
+    loader = make_train_loader(train, backbone, args)
+    optimizer, scheduler = make_optimizer(model, args, cfg["epochs"])
+    groups = {}  # a fusion module's tensors are listed as one entry
+    for n, p in model.named_parameters():
+        groups.setdefault(".".join(n.split(".")[:2]) if n.startswith("fusion.") else n, []).append(p)
+    print("trainable:", ", ".join(f"{g} {tuple(ps[0].shape) if len(ps) == 1 else f'({len(ps)} tensors)'}"
+                                  for g, ps in groups.items()),
+          f"= {sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters;",
+          f"{len(train.train)} training images, {len(train.classnames)} classes, {len(loader)} steps/epoch;",
+          f"config {cfg}")
+    first = common.restore_training_state(ckpt, model, optimizer, scheduler, loader) if ckpt else 1
+    setup_s, train_start = time.perf_counter() - start, time.perf_counter()
+    last = min(args.stop_after_epoch or cfg["epochs"], cfg["epochs"])
+    with run.stop_on_ctrl_c():
+        for epoch in range(first, last + 1):
+            epoch_start = time.perf_counter()
+            stats = train_one_epoch(model, loader, optimizer, scheduler, args, device, cfg["lambda"])
+            print(common.epoch_line(epoch, cfg["epochs"], stats, time.perf_counter() - epoch_start), flush=True)
+            run.save_checkpoint(common.training_state(model, args, epoch, optimizer, scheduler, loader,
+                                                      train.classnames))
+    if last < cfg["epochs"]:
+        print(f"stopped after epoch {last} (--stop-after-epoch); continue with --resume")
+        return None
+    train_s, eval_start = time.perf_counter() - train_start, time.perf_counter()
+    metrics = evaluate_all(model, backbone, splits, train, text, cfg, args, device)
+    timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": time.perf_counter() - eval_start}
+    common.write_metrics(run.path, args, metrics, timings, {
+        "config": cfg, "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "shots_per_class": data.shots_per_class(train)}, classnames_of(splits, train, args))
+    common.finish_checkpoint(run.path)
+    print(summary_line(metrics), f"-> {run.path / 'metrics.json'}")
+    return metrics
+
+
 if __name__ == "__main__":
-    run_cli(main, Args, "BiomedAP: gated cross-modal fusion and dual anchors for prompt learning "
-                        "on a frozen BiomedCLIP (see the module docstring).")
+    common.run_cli(main, Args, "BiomedAP: gated cross-modal fusion and dual anchors for prompt learning "
+                               "on a frozen BiomedCLIP (see the module docstring).")

@@ -65,7 +65,7 @@ Deviations from the paper / official code (the released Table-1 script, `experim
 """
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -81,13 +81,17 @@ ATTRIBUTE_SETS = ("descriptions", "distinctive", "confusions")  # Des, Dist, Con
 
 @dataclass
 class Args:
-    dataset: str = arg("btmri", "benchmark name, your own folder, or synthetic")
-    root: str = arg("data", "folder holding the datasets")
-    download: bool = arg(False, "fetch the dataset from the Hugging Face hub if missing")
-    shots: int = arg(16, "K images per class (paper: 16; few-shot curves 4, 8)")
-    seed: int = arg(1, "seed of the few-shot subset, attribute sampling and training (official: 1)")
-    subsample: str = arg("all", "all: few-shot on every class; base: base-to-novel", ["all", "base"])
-    backbone: str = arg("biomedclip", "frozen backbone (paper Table 1: clip)")
+    dataset: str = arg("btmri", "benchmark name (btmri, busi, ...), synthetic, or your own folder with one "
+                                "sub-folder per class")
+    root: str = arg("data", "folder holding the benchmark datasets")
+    download: bool = arg(False, "fetch a missing benchmark dataset from the Hugging Face hub")
+    shots: int = arg(16, "K labelled training images per class")
+    seed: int = arg(1, "seed of the few-shot subset, the initialisation and the data order")
+    subsample: str = arg("all", "all: few-shot on every class; base: train on the base classes, test on base "
+                                "and novel", ["all", "base"])
+    backbone: str = arg("biomedclip", "frozen backbone: biomedclip, clip, hf-hub:ORG/REPO, local-dir:PATH, "
+                                      "MODEL:PRETRAINED, tiny, tiny-clip, biomedclip-random")
+    # the method (paper Table 1 / released Table-1 script defaults)
     frame: int = arg(None, "w: width of the learnable padding frame in pixels; none = 16/224 of the "
                       "input size (official: 16 at 224)")
     num_attr: int = arg(20, "m: attributes drawn per class and set (official: 20)")
@@ -98,25 +102,31 @@ class Args:
     margin: float = arg(0.5, "margin of L_CS in logit units (official: 0.5)")
     cs_anchor: str = arg("positive", "L_CS anchor: positive = s+_y (the paper's figure), fused = fused "
                          "logit of y (the released Table-1 script; run.sh tables biomedvr)", ["positive", "fused"])
+    # optimisation
     epochs: int = arg(400, "training epochs (official: 400)")
     batch_size: int = arg(None, "batch size; none = 64, or 16 at one shot (official)")
     lr: float = arg(40.0, "SGD learning rate, cosine to 0 per iteration (official: 40)")
     momentum: float = arg(0.9, "SGD momentum (official: 0.9; no weight decay)")
+    # evaluation
     eval_every: int = arg(0, "also evaluate the test set every N epochs (0: only at the end); "
                           "the best of these is reported as test-selected")
-    eval_only: str = arg("", "RUN_DIR: evaluate its checkpoint and print the metrics")
+    # running
+    eval_only: str = arg("", "RUN_DIR: evaluate a finished run with its saved arguments (evaluation options "
+                             "given here win) and rewrite its metrics.json")
     predict: list = common.list_arg(str, "RUN_DIR IMAGE_OR_FOLDER...: classify new images with a finished run "
                                          "(top 3 classes per image)")
     predictions: str = arg("", "with --predict: also write one CSV row per image to this file")
-    resume: bool = arg(False, "continue the run from its checkpoint")
-    overwrite: bool = arg(False, "replace a finished or unfinished run")
-    stop_after_epoch: int = arg(0, "testing: stop after this epoch, leaving only the checkpoint")
-    device: str = arg("auto", "auto, cpu or cuda")
+    resume: bool = arg(False, "continue an interrupted run from its checkpoint")
+    overwrite: bool = arg(False, "replace the run in the same folder (the old one stays until the new one "
+                                 "has a checkpoint)")
+    stop_after_epoch: int = arg(0, "testing: stop after this epoch, leaving only the checkpoint", hidden=True)
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
     precision: str = arg("fp32", "fp32, or bf16 autocast on CUDA", ["fp32", "bf16"])
-    benchmark: bool = arg(False, "time a training step against the bare image tower and exit")
-    out: str = arg("runs", "folder for run folders")
     workers: int = arg(4, "data loader worker processes (augmentation draws depend on the count: "
                           "keep it fixed to repeat a run)")
+    benchmark: bool = arg(False, "time a training step and evaluation against the bare frozen towers, print "
+                                 "one JSON line and exit")
+    out: str = arg("runs", "folder of run folders")
 
 
 # --------------------------------------------------------------------------- text side
@@ -235,51 +245,18 @@ def compute_losses(model, images, labels, args):
     return {"loss": loss, "ce": ce, "cs": cs, "logits": out["logits"]}
 
 
+# --------------------------------------------------------------------------- training step
+def train_step(model, images, labels, optimizer, args):
+    """One SGD step on L = CE + beta L_CS; returns the logged loss terms and the logits."""
+    with common.autocast(args.precision, images.device):
+        out = compute_losses(model, images, labels, args)
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    optimizer.step()
+    return {k: float(out[k].detach()) for k in ("loss", "ce", "cs")}, out["logits"].detach()
+
+
 # =========================================================================== plumbing
-def trainable_state(model):
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
-
-
-def load_trainable(model, state):
-    own = dict(model.named_parameters())
-    if set(state) != set(own):
-        raise UserError(f"checkpoint holds {sorted(state)}, this model learns {sorted(own)}: not a BioMedVR run")
-    with torch.no_grad():
-        for name, p in own.items():
-            p.copy_(state[name])
-
-
-def train_one_epoch(model, loader, optimizer, scheduler, args, device, bar):
-    totals = {"ce": 0.0, "cs": 0.0, "correct": 0, "n": 0}
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        with common.autocast(args.precision, device):
-            out = compute_losses(model, images, labels, args)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        optimizer.step()
-        scheduler.step()
-        n = len(labels)
-        totals["ce"] += out["ce"].item() * n
-        totals["cs"] += out["cs"].item() * n
-        totals["correct"] += (out["logits"].argmax(-1) == labels).sum().item()
-        totals["n"] += n
-        bar.update(1)
-        bar.set_postfix(ce=f"{out['ce'].item():.3f}", cs=f"{out['cs'].item():.3f}")
-    n = max(totals["n"], 1)
-    return {"ce": totals["ce"] / n, "cs": totals["cs"] / n, "train_accuracy": 100 * totals["correct"] / n}
-
-
-@torch.no_grad()
-def evaluate(model, loader, args, device):
-    logits, labels = [], []
-    for images, y in loader:
-        with common.autocast(args.precision, device):
-            logits.append(model(images.to(device))["logits"].float().cpu())
-        labels.append(y)
-    return common.classification_metrics(torch.cat(logits), torch.cat(labels), model.descriptions.shape[1])
-
-
 def load_data(args, S):
     """Training split and evaluation sets {name: Splits}; images of size S - 2w, unnormalised."""
     inner = S - 2 * frame_width(args, S)
@@ -296,14 +273,71 @@ def batch_size(args):
     return args.batch_size or (16 if args.shots == 1 else 64)
 
 
+def make_train_loader(train, S, args):
+    """The released pipeline: resize the shorter side to S - 2w, random-resized crop to S - 2w,
+    horizontal flip; every image every epoch (the last partial batch is kept)."""
+    inner = S - 2 * frame_width(args, S)
+    transform = data.build_transform(inner, train=True, hflip=True, resize_first=True)
+    return data.make_loader(data.ImageDataset(train.train, transform), batch_size(args), True, args.seed,
+                            args.workers, drop_last=False)
+
+
 def make_eval_loaders(evals, S, args):
     transform = data.build_transform(S - 2 * frame_width(args, S))
     return {name: data.make_loader(data.ImageDataset(s.test, transform), batch_size(args), False, args.seed,
                                    args.workers) for name, s in evals.items()}
 
 
-def final_metrics(model, backbone, evals, loaders, args, device):
-    """{"test": ...} or {"base", "novel", "harmonic_mean"}, plus the learned gate (g+, g-)."""
+def make_optimizer(model, args, steps_per_epoch):
+    """SGD on the programs and the gate, cosine annealing to 0 stepped once per iteration."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch,
+                                                           eta_min=0.0)
+    return optimizer, scheduler
+
+
+def setup(args, device):
+    """The frozen backbone, the model for the training classes, the data."""
+    backbone = common.load_backbone(args.backbone, device)
+    train, evals = load_data(args, backbone.image_size)
+    class_text = data.load_class_text(args.dataset, train.classnames, args.root)
+    model = build_model(backbone, class_text, train.classnames, args, device)
+    return backbone, model, train, evals
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, args, device):
+    """One pass over the training images (the scheduler steps every iteration): the mean of each
+    loss term, the training accuracy and the last step's learning rate."""
+    model.train()
+    sums, correct, seen = {}, 0, 0
+    for images, labels in tqdm(loader, desc="train", leave=False, disable=None):
+        images, labels = images.to(device), labels.to(device)
+        terms, logits = train_step(model, images, labels, optimizer, args)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v * len(labels)
+        correct += int((logits.argmax(-1) == labels).sum())
+        seen += len(labels)
+    return {**{k: v / seen for k, v in sums.items()}, "train_accuracy": 100 * correct / seen, "lr": lr}
+
+
+@torch.no_grad()
+def evaluate(model, loader, args, device):
+    """Classification metrics of one evaluation split."""
+    model.eval()
+    logits, labels = [], []
+    for images, y in tqdm(loader, desc="evaluate", leave=False, disable=None):
+        with common.autocast(args.precision, device):
+            logits.append(model(images.to(device))["logits"].float().cpu())
+        labels.append(y)
+    return common.classification_metrics(torch.cat(logits), torch.cat(labels), model.descriptions.shape[1])
+
+
+def evaluate_all(model, backbone, evals, loaders, args, device):
+    """{"test"} or {"base", "novel", "harmonic_mean"}, plus the learned gate (g+, g-). Novel
+    classes: the same programs and gate with attribute banks drawn for the novel class names."""
     gate = model.gate.detach().softmax(0).tolist()
     if args.subsample != "base":
         return {"test": evaluate(model, loaders["test"], args, device), "gate": gate}
@@ -316,115 +350,9 @@ def final_metrics(model, backbone, evals, loaders, args, device):
     return metrics
 
 
-def setup(args, device):
-    backbone = common.load_backbone(args.backbone, device)
-    S = backbone.image_size
-    train, evals = load_data(args, S)
-    class_text = data.load_class_text(args.dataset, train.classnames, args.root)
-    model = build_model(backbone, class_text, train.classnames, args, device)
-    return backbone, model, train, evals
-
-
-def make_train_loader(train, S, args):
-    """The released pipeline: resize the shorter side to S - 2w, random-resized crop to S - 2w,
-    horizontal flip; every image every epoch (the last partial batch is kept)."""
-    inner = S - 2 * frame_width(args, S)
-    transform = data.build_transform(inner, train=True, hflip=True, resize_first=True)
-    return data.make_loader(data.ImageDataset(train.train, transform), batch_size(args), True, args.seed,
-                            args.workers, drop_last=False)
-
-
-def make_optimizer(model, args, steps_per_epoch):
-    """SGD on the programs and the gate, cosine annealing to 0 stepped once per iteration."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch,
-                                                           eta_min=0.0)
-    return optimizer, scheduler
-
-
-def main(args):
-    if args.benchmark:
-        return benchmark(args)
-    if args.eval_only:
-        return eval_only(args)
-    if args.predict:
-        return common.predict_cli(args, load_run)
-    start = time.perf_counter()
-    common.validate_args(args)
-    device = common.resolve_device(args.device)
-    common.autocast(args.precision, device)  # refuses bf16 without CUDA before anything is loaded
-    run = common.prepare_run_dir(common.run_dir(args.out, "biomedvr", args.dataset, args.shots, args.seed,
-                                                args.subsample), args.overwrite, args.resume)
-    folder = run.path
-    ckpt = None
-    if args.resume:
-        ckpt = common.load_checkpoint(folder)  # a missing checkpoint is an error, not a fresh start
-        common.check_resume(ckpt["args"], args)
-    common.seed_everything(args.seed)
-    backbone, model, train, evals = setup(args, device)
-    S = backbone.image_size
-    loader = make_train_loader(train, S, args)
-    eval_loaders = make_eval_loaders(evals, S, args)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = make_optimizer(model, args, len(loader))
-    print("trainable:", ", ".join(f"{n} {tuple(p.shape)}" for n, p in model.named_parameters()),
-          f"= {sum(p.numel() for p in params):,} parameters;",
-          f"{len(train.train)} training images, {len(train.classnames)} classes, {len(loader)} steps/epoch")
-
-    first_epoch, history = 1, []
-    if ckpt is not None:
-        load_trainable(model, ckpt["trainable"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        common.set_rng_state(ckpt["rng"])
-        loader.generator.set_state(ckpt["loader_generator"])
-        first_epoch, history = ckpt["epoch"] + 1, ckpt.get("history", [])
-        run.saved_epoch = ckpt["epoch"]
-        print(f"resuming {folder} after epoch {ckpt['epoch']}")
-    setup_s, train_start = time.perf_counter() - start, time.perf_counter()
-    last = min(args.stop_after_epoch or args.epochs, args.epochs)
-    bar = tqdm(total=(last - first_epoch + 1) * len(loader), desc="biomedvr", leave=False,
-               disable=None)
-    with run.stop_on_ctrl_c():
-        for epoch in range(first_epoch, last + 1):
-            t0 = time.perf_counter()
-            model.train()
-            stats = train_one_epoch(model, loader, optimizer, scheduler, args, device, bar)
-            gate = model.gate.detach().softmax(0).tolist()
-            line = (f"epoch {epoch}/{args.epochs} ce {stats['ce']:.4f} cs {stats['cs']:.4f} "
-                    f"train_acc {stats['train_accuracy']:.2f} lr {scheduler.get_last_lr()[0]:.4g} "
-                    f"gate {gate[0]:.3f}/{gate[1]:.3f} time {time.perf_counter() - t0:.1f}s")
-            if args.eval_every and epoch % args.eval_every == 0 and epoch < args.epochs:
-                model.eval()
-                accuracy = evaluate(model, eval_loaders[next(iter(eval_loaders))], args, device)["accuracy"]
-                history.append({"epoch": epoch, "test_accuracy": accuracy})
-                line += f" test_acc {accuracy:.2f}"
-            tqdm.write(line)
-            run.save_checkpoint({
-                "trainable": trainable_state(model), "args": asdict(args), "epoch": epoch,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": common.rng_state(), "loader_generator": loader.generator.get_state(), "history": history,
-                "classnames": train.classnames})
-    bar.close()
-    if last < args.epochs:
-        print(f"stopped after epoch {last} as asked; continue with --resume")
-        return None
-
-    train_s, eval_start = time.perf_counter() - train_start, time.perf_counter()
-    model.eval()
-    metrics = final_metrics(model, backbone, evals, eval_loaders, args, device)
-    if args.eval_every:
-        history.append({"epoch": args.epochs, "test_accuracy": metrics.get("test", metrics.get("base"))["accuracy"]})
-        best = max(history, key=lambda h: h["test_accuracy"])
-        metrics["best_test_accuracy_test_selected"] = {"accuracy": best["test_accuracy"], "epoch": best["epoch"]}
-    timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": time.perf_counter() - eval_start}
-    common.write_metrics(folder, args, metrics, timings, {
-        "trainable_parameters": sum(p.numel() for p in params), "eval_history": history,
-        "shots_per_class": data.shots_per_class(train)})
-    common.finish_checkpoint(folder)
-    print(summary_line(metrics), f"-> {folder / 'metrics.json'}")
-    return metrics
+def classnames_of(evals):
+    """Class names per evaluation block, for the axes of confusion.png."""
+    return {name: split.classnames for name, split in evals.items()}
 
 
 def summary_line(metrics):
@@ -436,23 +364,28 @@ def summary_line(metrics):
     return text + f" gate {metrics['gate'][0]:.3f}/{metrics['gate'][1]:.3f}"
 
 
-def eval_only(args):
-    """Rebuild the run from its checkpoint's arguments (the same seed gives the same attribute
-    banks and test set), evaluate, print; nothing is written."""
-    ckpt = common.load_checkpoint(args.eval_only)
-    saved = {k: v for k, v in ckpt["args"].items() if k in {f.name for f in fields(Args)}}
-    here = {k: getattr(args, k) for k in ("root", "download", "device", "precision", "workers")}
-    run_args = Args(**{**saved, **here, "eval_only": "", "resume": False})
-    device = common.resolve_device(run_args.device)
-    common.seed_everything(run_args.seed)
-    backbone, model, _, evals = setup(run_args, device)
-    load_trainable(model, ckpt["trainable"])
-    if ckpt["epoch"] < run_args.epochs:
-        print(f"note: the checkpoint is from epoch {ckpt['epoch']} of {run_args.epochs}")
-    model.eval()
-    loaders = make_eval_loaders(evals, backbone.image_size, run_args)
-    metrics = final_metrics(model, backbone, evals, loaders, run_args, device)
-    print(summary_line(metrics))
+def folder_of(args):
+    """runs/[<backbone>/]biomedvr[-fused]/<dataset>/<K>shot[_base2novel]/seed<S>/"""
+    method = "biomedvr" if args.cs_anchor == "positive" else "biomedvr-fused"
+    return common.run_dir(args.out, method, args.dataset, args.shots, args.seed, args.subsample, args.backbone)
+
+
+def eval_only(cli):
+    """Evaluate a finished run with its saved arguments (evaluation options given on this command
+    line win; the same seed redraws the same attribute banks) and rewrite its metrics.json."""
+    ckpt, args, given = common.eval_only_args(cli, Args)
+    if ckpt["epoch"] < args.epochs:
+        raise UserError(f"{cli.eval_only} is unfinished (epoch {ckpt['epoch']} of {args.epochs}): "
+                        f"finish it with --resume")
+    device = common.resolve_device(args.device)
+    common.seed_everything(args.seed)
+    backbone, model, train, evals = setup(args, device)
+    common.load_trainable(model, ckpt["trainable"])
+    start = time.perf_counter()
+    metrics = evaluate_all(model, backbone, evals, make_eval_loaders(evals, backbone.image_size, args), args, device)
+    common.write_eval_only(cli.eval_only, args, metrics, time.perf_counter() - start, given,
+                           {"shots_per_class": data.shots_per_class(train)}, classnames_of(evals))
+    print(summary_line(metrics), f"-> {cli.eval_only}/metrics.json")
     return metrics
 
 
@@ -467,7 +400,7 @@ def load_run(run_dir, device="cpu", backbone=None):
     backbone = backbone or common.load_backbone(args.backbone, device)
     class_text = data.load_class_text(args.dataset, classnames, args.root)
     model = build_model(backbone, class_text, classnames, args, device)
-    load_trainable(model, ckpt["trainable"])
+    common.load_trainable(model, ckpt["trainable"])
     S = backbone.image_size
 
     def experts(out, names):
@@ -515,6 +448,62 @@ def benchmark(args):
         device, args.precision, step, floor, lambda: model(images), lambda: backbone.encode_image(floor_input),
         B, sum(p.numel() for p in model.parameters()),
         {"method": "biomedvr", "backbone": args.backbone, "batch": B, "eval_batch": B, "classes": C})
+
+
+def main(args):
+    if args.benchmark:
+        return benchmark(args)
+    if args.eval_only:
+        return eval_only(args)
+    if args.predict:
+        return common.predict_cli(args, load_run)
+    start = time.perf_counter()
+    common.validate_args(args)
+    device = common.resolve_device(args.device)
+    common.autocast(args.precision, device)  # refuses bf16 without CUDA before anything is loaded
+    run = common.prepare_run_dir(folder_of(args), args.overwrite, args.resume)
+    ckpt = common.resume_checkpoint(run, args) if args.resume else None
+    common.seed_everything(args.seed)
+    backbone, model, train, evals = setup(args, device)
+    loader = make_train_loader(train, backbone.image_size, args)
+    optimizer, scheduler = make_optimizer(model, args, len(loader))
+    print("trainable:", ", ".join(f"{n} {tuple(p.shape)}" for n, p in model.named_parameters()),
+          f"= {sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters;",
+          f"{len(train.train)} training images, {len(train.classnames)} classes, {len(loader)} steps/epoch")
+    first = common.restore_training_state(ckpt, model, optimizer, scheduler, loader) if ckpt else 1
+    history = ckpt["history"] if ckpt else []  # --eval-every: test accuracy after epoch e
+    eval_loaders = make_eval_loaders(evals, backbone.image_size, args)
+    setup_s, train_start = time.perf_counter() - start, time.perf_counter()
+    last = min(args.stop_after_epoch or args.epochs, args.epochs)
+    with run.stop_on_ctrl_c():
+        for epoch in range(first, last + 1):
+            epoch_start = time.perf_counter()
+            stats = train_one_epoch(model, loader, optimizer, scheduler, args, device)
+            gate = model.gate.detach().softmax(0).tolist()
+            extra = f"gate {gate[0]:.3f}/{gate[1]:.3f}"
+            if args.eval_every and epoch % args.eval_every == 0 and epoch < args.epochs:
+                accuracy = evaluate(model, eval_loaders[next(iter(eval_loaders))], args, device)["accuracy"]
+                history.append({"epoch": epoch, "test_accuracy": accuracy})
+                extra += f" test_acc {accuracy:.2f}"
+            print(common.epoch_line(epoch, args.epochs, stats, time.perf_counter() - epoch_start, extra), flush=True)
+            run.save_checkpoint(common.training_state(model, args, epoch, optimizer, scheduler, loader,
+                                                      train.classnames, history))
+    if last < args.epochs:
+        print(f"stopped after epoch {last} (--stop-after-epoch); continue with --resume")
+        return None
+    train_s, eval_start = time.perf_counter() - train_start, time.perf_counter()
+    metrics = evaluate_all(model, backbone, evals, eval_loaders, args, device)
+    if args.eval_every:  # model selection on the test set, reported apart and labelled as such
+        history.append({"epoch": args.epochs, "test_accuracy": metrics.get("test", metrics.get("base"))["accuracy"]})
+        best = max(history, key=lambda h: h["test_accuracy"])
+        metrics["best_test_accuracy_test_selected"] = {"accuracy": best["test_accuracy"], "epoch": best["epoch"]}
+    timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": time.perf_counter() - eval_start}
+    common.write_metrics(run.path, args, metrics, timings, {
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "eval_history": history, "shots_per_class": data.shots_per_class(train)}, classnames_of(evals))
+    common.finish_checkpoint(run.path)
+    print(summary_line(metrics), f"-> {run.path / 'metrics.json'}")
+    return metrics
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import random
+import re
 import resource
 import shutil
 import sys
@@ -351,9 +352,10 @@ def zero_shot_logits(image_features, class_features, logit_scale: float):
 
 
 # --------------------------------------------------------------------------- arguments
-def arg(default, help: str, choices=None):
-    """A field of a method's Args dataclass: its default, its --help line, its choices."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def arg(default, help: str, choices=None, hidden: bool = False):
+    """A field of a method's Args dataclass: its default, its --help line, its choices; `hidden`
+    keeps a test-only flag out of --help."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "hidden": hidden})
 
 
 def list_arg(kind, help: str):
@@ -369,6 +371,8 @@ def build_parser(args_cls, description: str = "") -> argparse.ArgumentParser:
     for f in dataclasses.fields(args_cls):
         flag = "--" + f.name.replace("_", "-")
         help_, choices = f.metadata.get("help", ""), f.metadata.get("choices")
+        if f.metadata.get("hidden"):  # test-only flags work but stay out of --help
+            help_ = argparse.SUPPRESS
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
@@ -469,11 +473,27 @@ def harmonic_mean(a: float, b: float) -> float:
 
 
 # --------------------------------------------------------------------------- run folders
-def run_dir(out: str, method: str, dataset: str, shots: int, seed: int, subsample: str = "all") -> Path:
-    """runs/<method>/<dataset>/<K>shot[_base2novel]/seed<S>/"""
+DEFAULT_BACKBONE = "biomedclip"
+
+
+def backbone_folder(backbone: str) -> str:
+    """The folder level that keeps runs on different backbones apart: "" for BiomedCLIP (the
+    default), otherwise the backbone's name with each character outside [A-Za-z0-9._-] as "_"
+    (run.sh computes the same)."""
+    if backbone in (DEFAULT_BACKBONE, BIOMEDCLIP):
+        return ""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", backbone)
+
+
+def run_dir(out: str, method: str, dataset: str, shots: int, seed: int, subsample: str = "all",
+            backbone: str = DEFAULT_BACKBONE) -> Path:
+    """runs/[<backbone>/]<method>/<dataset>/<K>shot[_base2novel]/seed<S>/: everything that changes
+    the numbers and is not a hyper-parameter is in the path, so a sweep never mistakes one run for
+    another (`method` carries a variant, e.g. biomedap-official)."""
     import data  # data.py imports this module: a top-level import would be circular
     suffix = "_base2novel" if subsample == "base" else ""
-    return Path(out) / method / data.dataset_key(dataset) / f"{shots}shot{suffix}" / f"seed{seed}"
+    return (Path(out) / backbone_folder(backbone) / method / data.dataset_key(dataset) / f"{shots}shot{suffix}"
+            / f"seed{seed}")
 
 
 class RunFolder:
@@ -553,6 +573,84 @@ def check_resume(saved_args: dict, args) -> None:
                         f"use the run's settings or --overwrite")
 
 
+def trainable_state(model) -> dict:
+    """The learnable tensors of a method's model, on the CPU: what a run keeps."""
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model, state: dict):
+    own = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if set(state) != set(own):
+        raise UserError(f"the checkpoint holds {', '.join(sorted(state))[:200]}, but this model learns "
+                        f"{', '.join(sorted(own))[:200]}: it is not a run of this method and these settings")
+    with torch.no_grad():
+        for name, p in own.items():
+            p.copy_(state[name])
+
+
+def training_state(model, args, epoch, optimizer, scheduler, loader, classnames, history=()) -> dict:
+    """The checkpoint both methods write after every epoch: all that --resume needs to continue
+    with exactly the numbers of an uninterrupted run (weights_only loadable)."""
+    return {"trainable": trainable_state(model), "args": dataclasses.asdict(args), "epoch": epoch,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+            "loader_generator": loader.generator.get_state(), "history": list(history),
+            "classnames": list(classnames)}
+
+
+def resume_checkpoint(run: "RunFolder", args) -> dict:
+    """The checkpoint --resume continues from; a missing one is an error, not a fresh start."""
+    ckpt = load_checkpoint(run.path)
+    check_resume(ckpt["args"], args)
+    run.saved_epoch = ckpt["epoch"]
+    return ckpt
+
+
+def restore_training_state(ckpt: dict, model, optimizer, scheduler, loader) -> int:
+    """Put a training_state back; returns the first epoch still to train."""
+    load_trainable(model, ckpt["trainable"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"])
+    loader.generator.set_state(ckpt["loader_generator"])
+    print(f"resuming after epoch {ckpt['epoch']}")
+    return ckpt["epoch"] + 1
+
+
+def epoch_line(epoch: int, epochs: int, stats: dict, seconds: float, extra: str = "") -> str:
+    """The line both methods print after each epoch: the epoch, each loss term, the training
+    accuracy, the learning rate of the epoch's last step, the method's extras, the seconds."""
+    terms = " ".join(f"{k} {v:.4f}" for k, v in stats.items() if k not in ("train_accuracy", "lr"))
+    return (f"epoch {epoch}/{epochs} {terms} train_acc {stats['train_accuracy']:.2f} lr {stats['lr']:.4g}"
+            f"{' ' + extra if extra else ''} time {seconds:.1f}s")
+
+
+# Options of --eval-only that may differ from the run's own: where the data is, how to run, and
+# what to evaluate. Given on the command line, they win over the saved arguments.
+EVAL_OPTIONS = ("root", "download", "device", "precision", "workers", "test_batch_size", "robustness",
+                "infer_context")
+
+
+def eval_only_args(cli, args_cls):
+    """(checkpoint, arguments to evaluate with, the evaluation options this command line changed)."""
+    ckpt, args = load_finished_run(cli.eval_only, args_cls)
+    defaults = args_cls()
+    given = {k: getattr(cli, k) for k in EVAL_OPTIONS
+             if hasattr(cli, k) and getattr(cli, k) != getattr(defaults, k)}
+    return ckpt, dataclasses.replace(args, **given), given
+
+
+def write_eval_only(folder, args, metrics: dict, eval_s: float, given: dict, extra: dict, classnames):
+    """--eval-only in both methods: the new metrics replace the old ones in metrics.json (others,
+    e.g. BioMedVR's test-selected best, are kept), with the options given recorded."""
+    folder = Path(folder)
+    old = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
+    timings = {**old.get("timings", {}), "eval_s": eval_s}
+    record = write_metrics(folder, args, {**old.get("metrics", {}), **metrics}, timings,
+                           {**extra, "evaluated_with": given}, classnames)
+    finish_checkpoint(folder)
+    return record
+
+
 # The shared numeric arguments and their smallest allowed value (None: the method's default).
 MINIMUM = {"shots": 1, "epochs": 1, "batch_size": 1, "test_batch_size": 1, "seed": 0, "workers": 0,
            "stop_after_epoch": 0, "eval_every": 0}
@@ -574,6 +672,8 @@ FINISHED_CHECKPOINT_KEYS = ("trainable", "args", "epoch", "history", "classnames
 def finish_checkpoint(path: Path):
     """Rewrite a finished run's checkpoint with only FINISHED_CHECKPOINT_KEYS (atomically)."""
     state = load_checkpoint(path)
+    if set(state) <= set(FINISHED_CHECKPOINT_KEYS):
+        return  # already finished: leave the file as it is
     save_checkpoint(Path(path) / "checkpoint.pt" if Path(path).is_dir() else path,
                     {k: state[k] for k in FINISHED_CHECKPOINT_KEYS if k in state})
 
@@ -747,7 +847,7 @@ def zeroshot(args: ZeroShotArgs) -> dict:
     from data import ImageDataset, build_transform, load_class_text, load_splits, make_loader
 
     validate_args(args)
-    folder = Path(args.out) / "zeroshot" / data.dataset_key(args.dataset) / "seed1"
+    folder = Path(args.out) / backbone_folder(args.backbone) / "zeroshot" / data.dataset_key(args.dataset) / "seed1"
     if (folder / "metrics.json").exists() and not args.overwrite:
         raise UserError(f"{folder} already holds a zero-shot result; pass --overwrite to redo it "
                         f"or --out to write elsewhere")

@@ -43,14 +43,26 @@ while (($#)); do
 done
 CMD=${POS[0]:-}
 
-method_dir() {  # the folder the method writes to: biomedap, biomedap-official or biomedvr
-  local m=$1 prev=""
+flag_value() {  # FLAG DEFAULT: the last value FLAG gets in the FLAGS after "--" (as argparse reads them)
+  local value=$2 prev="" a
   for a in "${EXTRA[@]+"${EXTRA[@]}"}"; do
-    [[ "$m" == biomedap && "$prev" == --variant && "$a" == official ]] && { echo biomedap-official; return; }
-    [[ "$m" == biomedap && "$a" == --variant=official ]] && { echo biomedap-official; return; }
+    [[ "$prev" == "$1" ]] && value=$a
+    [[ "$a" == "$1="* ]] && value=${a#*=}
     prev=$a
   done
-  echo "$m"
+  echo "$value"
+}
+
+backbone_dir() {  # "" for BiomedCLIP, else the backbone's folder (common.backbone_folder's rule) and /
+  local b; b=$(flag_value --backbone biomedclip)
+  [[ $b == biomedclip || $b == hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 ]] || echo "${b//[^A-Za-z0-9._-]/_}/"
+}
+
+method_dir() {  # where a method's runs go: [<backbone>/]biomedap[-official] or [<backbone>/]biomedvr[-fused]
+  local m=$1
+  [[ $m == biomedap && $(flag_value --variant paper) == official ]] && m=biomedap-official
+  [[ $m == biomedvr && $(flag_value --cs-anchor positive) == fused ]] && m=biomedvr-fused
+  echo "$(backbone_dir)$m"
 }
 
 JOBS=(); DATASETS_USED=()
@@ -116,14 +128,15 @@ run_jobs() {  # run the job list (sequentially, or one worker per GPU), then the
 case "$CMD" in
   smoke)
     OUT=${OUT_SMOKE:-runs/smoke}
-    for m in biomedap biomedvr; do
-      for bb in tiny tiny-clip; do
-        JOBS+=("$PYTHON $m.py --dataset synthetic --backbone $bb --shots 8 --seed 1 --epochs 5 --device cpu --workers 0 --out $OUT/$bb --overwrite")
+    for bb in tiny tiny-clip; do
+      for m in biomedap biomedvr; do
+        JOBS+=("$PYTHON $m.py --dataset synthetic --backbone $bb --shots 8 --seed 1 --epochs 5 --device cpu --workers 0 --out $OUT --overwrite")
       done
+      JOBS+=("$PYTHON common.py zeroshot --dataset synthetic --backbone $bb --device cpu --workers 0 --out $OUT --overwrite")
     done
-    run_jobs_smoke() {
+    run_jobs_smoke() {  # runs land in $OUT/tiny/... and $OUT/tiny-clip/...: one table per backbone
       for job in "${JOBS[@]}"; do echo "+ $job" >&2; eval "$job" | tail -n 3; done
-      for bb in tiny tiny-clip; do echo "== backbone $bb"; $PYTHON common.py summarize "$OUT/$bb"; done
+      $PYTHON common.py summarize "$OUT"
       echo "(small random backbones and 5 epochs: accuracies near chance, 25%, are expected; this checks" \
            "that every step runs. Real numbers need BiomedCLIP and a dataset, see README.)"
     }
@@ -147,7 +160,7 @@ case "$CMD" in
     run_jobs ;;
   zeroshot)  # the frozen backbone's zero-shot accuracy, the K=0 column of the summary
     for d in $(pick "${POS[1]:-}" "$ALL_DATASETS"); do
-      [[ -f $OUT/zeroshot/$d/seed1/metrics.json ]] && continue
+      [[ -f $OUT/$(backbone_dir)zeroshot/$d/seed1/metrics.json ]] && continue
       JOBS+=("$(quoted $PYTHON common.py zeroshot --dataset "$d" --out "$OUT" "${EXTRA[@]+"${EXTRA[@]}"}")")
     done
     run_jobs ;;

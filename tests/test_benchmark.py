@@ -20,7 +20,6 @@ def bench(backbones, monkeypatch):
     """bench(module, *flags) -> its benchmark's report on the cached tiny backbone on the CPU,
     each pass timed once without warm-up (the numbers' meaning, not their accuracy, is tested)."""
     cached = lambda name, device="cpu": backbones(name)  # noqa: E731
-    monkeypatch.setattr(biomedap, "load_backbone", cached)
     monkeypatch.setattr(common, "load_backbone", cached)
     once = common.time_ms
     monkeypatch.setattr(common, "time_ms", lambda fn, device, warmup, reps: once(fn, device, 0, 1))
@@ -53,7 +52,6 @@ def test_every_timed_pass_runs_in_the_asked_precision(bench, backbones, monkeypa
     def cpu_autocast(precision, device):
         return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     monkeypatch.setattr(common, "autocast", cpu_autocast)
-    monkeypatch.setattr(biomedap, "autocast", cpu_autocast)
     timing, dtypes, once = [False], [], common.time_ms
 
     def timed(fn, device, warmup, reps):

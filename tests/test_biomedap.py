@@ -272,14 +272,13 @@ def test_typo_is_deterministic_and_perturbs_about_a_fifth():
 @pytest.fixture
 def run(backbones, monkeypatch, tmp_path):
     """main() on synthetic with the cached tiny backbones; returns (metrics, run folder)."""
-    monkeypatch.setattr(biomedap, "load_backbone", lambda name, device: backbones(name))
+    monkeypatch.setattr(common, "load_backbone", lambda name, device: backbones(name))
 
     def go(**kw):
         base = dict(dataset="synthetic", backbone="tiny", shots=2, epochs=2, workers=0, device="cpu",
                     out=str(tmp_path / "runs"), test_batch_size=80)
         args = Args(**{**base, **kw})
-        folder = common.run_dir(args.out, "biomedap" if args.variant == "paper" else "biomedap-official",
-                                args.dataset, args.shots, args.seed, args.subsample)
+        folder = biomedap.folder_of(args)
         return main(args), folder
     return go
 

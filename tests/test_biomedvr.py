@@ -219,7 +219,7 @@ def test_training_step_touches_only_programs_and_gate(backbones, name, monkeypat
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=2)
         batches = [(torch.rand(3, 3, 24, 24), torch.tensor([0, 1, 2])), (torch.rand(2, 3, 24, 24), torch.tensor([3, 2]))]
-        stats = bv.train_one_epoch(model, batches, optimizer, scheduler, args, torch.device("cpu"), tqdm(disable=True))
+        stats = bv.train_one_epoch(model, batches, optimizer, scheduler, args, torch.device("cpu"))
     finally:
         for h in hooks:
             h.remove()
@@ -281,7 +281,7 @@ def test_a_run_steps_over_every_image_and_anneals_over_all_its_steps(tmp_path):
     """main() end to end: 16 images in batches of 6 are 3 steps an epoch, so after epoch 1 of 3
     the scheduler has taken 3 of 9 steps and the rate is lr (1 + cos(pi / 3)) / 2."""
     run(tmp_path, batch_size=6, stop_after_epoch=1)
-    ckpt = common.load_checkpoint(common.run_dir(str(tmp_path / "runs"), "biomedvr", "synthetic", 4, 1))
+    ckpt = common.load_checkpoint(common.run_dir(str(tmp_path / "runs"), "biomedvr", "synthetic", 4, 1, backbone="tiny-clip"))
     assert ckpt["scheduler"]["last_epoch"] == 3 and ckpt["scheduler"]["T_max"] == 9
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(FAST["lr"] * (1 + math.cos(math.pi / 3)) / 2)
 
@@ -306,11 +306,11 @@ def test_same_seed_same_metrics_and_resume_is_exact(tmp_path):
     again = run(tmp_path / "b")
     assert again["test"] == full["test"] and again["gate"] == full["gate"]
     assert run(tmp_path / "c", stop_after_epoch=2) is None
-    folder = common.run_dir(str(tmp_path / "c" / "runs"), "biomedvr", "synthetic", 4, 1)
+    folder = common.run_dir(str(tmp_path / "c" / "runs"), "biomedvr", "synthetic", 4, 1, backbone="tiny-clip")
     assert not (folder / "metrics.json").exists() and common.load_checkpoint(folder)["epoch"] == 2
     resumed = run(tmp_path / "c", resume=True)
     assert resumed["test"] == full["test"] and resumed["gate"] == full["gate"]
-    a = common.load_checkpoint(common.run_dir(str(tmp_path / "a" / "runs"), "biomedvr", "synthetic", 4, 1))
+    a = common.load_checkpoint(common.run_dir(str(tmp_path / "a" / "runs"), "biomedvr", "synthetic", 4, 1, backbone="tiny-clip"))
     c = common.load_checkpoint(folder)
     assert a["epoch"] == c["epoch"] == 3
     assert all(torch.equal(a["trainable"][k], c["trainable"][k]) for k in ("delta_plus", "delta_minus", "gate"))
@@ -323,7 +323,7 @@ def test_cli_writes_metrics_refuses_to_clobber_and_evaluates_only(tmp_path, caps
     argv = ["--dataset", "synthetic", "--backbone", "tiny", "--frame", "4", "--shots", "2", "--epochs", "2",
             "--batch-size", "8", "--workers", "0", "--out", out, "--eval-every", "1"]
     metrics = bv.main(common.parse_args(bv.Args, argv))
-    folder = common.run_dir(out, "biomedvr", "synthetic", 2, 1)
+    folder = common.run_dir(out, "biomedvr", "synthetic", 2, 1, backbone="tiny")
     record = json.loads((folder / "metrics.json").read_text())
     assert set(record["metrics"]) >= {"test", "gate", "best_test_accuracy_test_selected"}
     assert record["metrics"]["test"]["n"] == 160 and len(record["metrics"]["gate"]) == 2
@@ -336,10 +336,13 @@ def test_cli_writes_metrics_refuses_to_clobber_and_evaluates_only(tmp_path, caps
     with pytest.raises(SystemExit) as exit_:
         common.run_cli(bv.main, bv.Args, argv=argv)
     assert exit_.value.code == 2 and "--overwrite" in capsys.readouterr().err
-    listing = sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir())
+    checkpoint = (folder / "checkpoint.pt").read_bytes()
     evaluated = bv.main(common.parse_args(bv.Args, ["--eval-only", str(folder), "--workers", "0"]))
     assert evaluated["test"] == metrics["test"] and evaluated["gate"] == metrics["gate"]
-    assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()) == listing  # wrote nothing
+    rewritten = json.loads((folder / "metrics.json").read_text())  # --eval-only rewrites metrics.json, as BiomedAP
+    assert rewritten["metrics"]["test"] == metrics["test"] and rewritten["evaluated_with"] == {"workers": 0}
+    assert rewritten["metrics"]["best_test_accuracy_test_selected"] == record["metrics"]["best_test_accuracy_test_selected"]
+    assert (folder / "checkpoint.pt").read_bytes() == checkpoint  # the run itself is untouched
 
 
 def test_user_errors(tmp_path):
@@ -362,7 +365,7 @@ def test_base_to_novel_reports_base_novel_and_true_harmonic_mean(tmp_path):
     assert len(metrics["base"]["confusion_matrix"]) == len(metrics["novel"]["confusion_matrix"]) == 2
     assert metrics["harmonic_mean"] == pytest.approx(
         common.harmonic_mean(metrics["base"]["accuracy"], metrics["novel"]["accuracy"]))
-    assert (tmp_path / "runs/biomedvr/synthetic/4shot_base2novel/seed1/metrics.json").is_file()
+    assert (tmp_path / "runs/tiny-clip/biomedvr/synthetic/4shot_base2novel/seed1/metrics.json").is_file()
 
 
 def test_official_dataset_layout_runs_end_to_end(tmp_path):
@@ -380,4 +383,4 @@ def test_official_dataset_layout_runs_end_to_end(tmp_path):
     (root / "BTMRI" / "split_BTMRI.json").write_text(json.dumps(split))
     metrics = run(tmp_path, dataset="btmri", root=str(root), shots=2, epochs=1)  # text: prompts/btmri.json
     assert metrics["test"]["n"] == 8 and len(metrics["test"]["confusion_matrix"]) == 4
-    assert (tmp_path / "runs/biomedvr/btmri/2shot/seed1/metrics.json").is_file()
+    assert (tmp_path / "runs/tiny-clip/biomedvr/btmri/2shot/seed1/metrics.json").is_file()

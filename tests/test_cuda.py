@@ -59,7 +59,7 @@ def train(method, out, device, *flags):
     """Train one run on `device`; its run folder (runs/<method>/synthetic/2shot/seed1)."""
     module, method_flags, name = METHODS[method]
     cli(module, *TRAIN, *method_flags, "--device", device, "--out", out, *flags)
-    return common.run_dir(str(out), name, "synthetic", 2, 1)
+    return common.run_dir(str(out), name, "synthetic", 2, 1, backbone="tiny-clip")
 
 
 def recorded(folder):

@@ -30,7 +30,7 @@ def cli(module, argv):
 
 
 def folder_of(name, out):
-    return common.run_dir(str(out), name, "synthetic", 2, 1)
+    return common.run_dir(str(out), name, "synthetic", 2, 1, backbone="tiny")
 
 
 def snapshot(folder):
@@ -137,7 +137,7 @@ def test_more_shots_than_a_class_has_warns_and_records_the_real_counts(name, tmp
             "--device", "cpu", "--out", str(tmp_path)]
     cli(module, argv)
     assert "warning: 40 shots asked" in capsys.readouterr().err
-    record = __import__("json").loads((common.run_dir(str(tmp_path), name, "synthetic", 40, 1) / "metrics.json")
+    record = __import__("json").loads((common.run_dir(str(tmp_path), name, "synthetic", 40, 1, backbone="tiny") / "metrics.json")
                                       .read_text())
     assert record["shots_per_class"] == {c: 32 for c in __import__("data").SYNTHETIC_LOOKS}
 

@@ -27,7 +27,9 @@ def run_sh(*args, env=None):
 def parse_job(line):
     """A job line 'python METHOD.py FLAGS' -> (module, Args), parsed by the method's own CLI."""
     argv = shlex.split(line)
-    assert argv[0] in ("python", "python3") and argv[1] in METHODS, line
+    assert argv[0] in ("python", "python3") and (argv[1] in METHODS or argv[1:3] == ["common.py", "zeroshot"]), line
+    if argv[1] == "common.py":
+        return common, common.parse_args(common.ZeroShotArgs, argv[3:])
     module = METHODS[argv[1]]
     return module, common.parse_args(module.Args, argv[2:])
 
@@ -77,20 +79,20 @@ def test_sweep_skips_finished_runs_and_resumes_unfinished(tmp_path):
 def test_smoke_jobs_end_to_end(tmp_path, monkeypatch):
     """The jobs of `bash run.sh smoke`, run in this process (saving the imports), then the summary."""
     lines = run_sh("smoke", "--dry-run", env={"OUT_SMOKE": str(tmp_path)})
-    assert len(lines) == 4
+    assert len(lines) == 6  # per backbone: both methods and the zero-shot baseline
     for line in lines:
         module, args = parse_job(line)
         assert args.dataset == "synthetic" and args.backbone in ("tiny", "tiny-clip")
         args.workers = 0
-        module.main(args)
+        (common.zeroshot if module is common else module.main)(args)
+    text = common.summarize(tmp_path)
     for backbone in ("tiny", "tiny-clip"):
-        text = common.summarize(tmp_path / backbone)
-        for method in ("biomedap", "biomedvr"):
-            match = re.search(rf"## {method}: few-shot.*?\| synthetic \| (?:–|[\d.]+) \| ([\d.]+) ± [\d.]+ \(1\) \|",
-                              text, re.S)  # the K=0 column is the zero-shot run's, absent here
+        for method in ("biomedap", "biomedvr"):  # the K=0 column is the zero-shot run's
+            match = re.search(rf"## {backbone}/{method}: few-shot.*?\| synthetic \| ([\d.]+) \| ([\d.]+) ± [\d.]+ "
+                              rf"\(1\) \|", text, re.S)
             assert match, text
-            assert 0.0 <= float(match.group(1)) <= 100.0
-        assert (tmp_path / backbone / "summary.csv").is_file()
+            assert 0.0 <= float(match.group(1)) <= 100.0 and 0.0 <= float(match.group(2)) <= 100.0
+    assert (tmp_path / "summary.csv").is_file() and (tmp_path / "fewshot.png").is_file()
 
 
 def readme_commands():
@@ -122,3 +124,21 @@ def test_every_readme_command_is_accepted(line):
         assert argv[2] == "summarize"
     else:
         assert argv[0] in ("pip", "python", "python3", "hf", "sbatch", "parallel"), line
+
+
+def test_sweeps_keep_backbones_and_variants_apart(tmp_path):
+    """A finished BiomedCLIP run with the paper's anchor is not mistaken for a CLIP run or for a
+    run of the released Table-1 anchor: each has its own folder, which the sweep checks."""
+    env = {"OUT": str(tmp_path)}
+    common.atomic_write_json(tmp_path / "biomedvr" / "btmri" / "16shot" / "seed1" / "metrics.json", {"metrics": {}})
+    assert run_sh("fewshot", "biomedvr", "btmri", "16", "1", "--dry-run", env=env) == []
+    clip = [parse_job(line)[1] for line in run_sh("fewshot", "biomedvr", "btmri", "16", "1", "--dry-run", "--",
+                                                   "--backbone", "clip", env=env)]
+    assert [(a.dataset, a.backbone) for a in clip] == [("btmri", "clip")]
+    assert common.run_dir(str(tmp_path), "biomedvr", "btmri", 16, 1, backbone="clip") == \
+        tmp_path / "clip" / "biomedvr" / "btmri" / "16shot" / "seed1"
+    table = [parse_job(line)[1] for line in run_sh("tables", "biomedvr", "--dry-run", env=env)]
+    assert ("btmri", 1) in {(a.dataset, a.seed) for a in table} and {a.cs_anchor for a in table} == {"fused"}
+    common.atomic_write_json(tmp_path / "biomedvr-fused" / "btmri" / "16shot" / "seed1" / "metrics.json", {})
+    table = [parse_job(line)[1] for line in run_sh("tables", "biomedvr", "--dry-run", env=env)]
+    assert ("btmri", 1) not in {(a.dataset, a.seed) for a in table} and len(table) == 32

@@ -36,7 +36,7 @@ def test_zeroshot_scores_template_and_descriptions_like_a_direct_computation(bac
     monkeypatch.setitem(common.PUBLISHED_ZERO_SHOT, "synthetic", 50.0)
     args = common.ZeroShotArgs(dataset="synthetic", backbone="tiny", device="cpu", out=str(tmp_path), workers=0)
     metrics = common.zeroshot(args)
-    folder = tmp_path / "zeroshot" / "synthetic" / "seed1"
+    folder = tmp_path / "tiny" / "zeroshot" / "synthetic" / "seed1"  # not BiomedCLIP: a backbone folder
     record = json.loads((folder / "metrics.json").read_text())
     assert record["metrics"] == json.loads(json.dumps(metrics))
     assert record["args"]["dataset"] == "synthetic" and {"encode_s", "total_s"} <= set(record["timings"])
@@ -90,6 +90,7 @@ def test_run_sh_zeroshot_dry_run_lists_the_missing_datasets(tmp_path):
         assert all(argv[1:3] == ["common.py", "zeroshot"] for argv in lines)
         return [common.parse_args(common.ZeroShotArgs, argv[3:]) for argv in lines]
 
+    common.atomic_write_json(tmp_path / "local-dir_bc" / "zeroshot" / "btmri" / "seed1" / "metrics.json", {})
     listed = jobs("all", "--dry-run", "--", "--backbone", "local-dir:bc")
     assert [a.dataset for a in listed] == "busi chmnist covid ctkidney dermamnist kneexray kvasir lungcolon " \
                                           "octmnist retina".split()           # btmri is finished
