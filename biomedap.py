@@ -12,28 +12,26 @@ a "high" anchor (expert descriptions) and a "low" anchor (few-shot visual protot
 Symbols: B batch, C classes, M context tokens (n_ctx), P visual prompt tokens (4), N patches,
 D image width, Dt text width, Du attention width max(D, Dt), E joint embedding width, K shots.
 
-Equation map (the paper's order):
-    learned text context, class token at the end  -> `PromptLearner`
-    visual prompts (overwrite zeros / deep VPT)    -> `BiomedAP.encode_image`
-    gated cross-modal fusion (spec 2.3)            -> `GatedFusion.forward`
-    inference context (mean / per class)           -> `BiomedAP.forward`
-    high and low anchors                           -> `high_anchor`, `low_anchor`
-    logits s f t^T and anchor logits s f h^T       -> `BiomedAP.forward`
-    L_ce, L_high, L_low, L_kl, L_align             -> `anchor_l1`, `anchor_kl`, `alignment_loss`
-    confidence-aware weight w = 1 + a H/log C      -> `confidence_weight`
-    L = L_ce + w (L_high + L_low + L_kl) + L_align -> `train_step`
+Equation map. Only the paper's abstract and method figure (Fig. 1 in the repository README) could
+be read; each line names the figure's block (or the abstract), then the code:
+    learnable context "a [MODALITY] photo of a" + class name (Fig. 1, text)  -> `PromptLearner`
+    visual prompts: zeros (released) / deep VPT (Fig. 1, image)  -> `official_prompts`, `paper_prompts`
+    Gated Cross-Modal Prompt Fusion, "Unified Interaction Space" (Fig. 1)  -> `GatedFusion.forward`
+    text context: GT class in training, mean of classes at inference (Fig. 1)  -> `BiomedAP.forward`
+    High Anchors: centroid of expert prompts (abstract, Fig. 1)  -> `high_anchor`
+    Low Anchors: few-shot visual prototypes (abstract; "{class}" released)  -> `low_anchor`
+    logits s f t^T and anchor logits s f h^T (released code)  -> `BiomedAP.forward`
+    L_ce, L1 to each anchor, KL to the anchor logits, alignment  -> `anchor_l1`, `anchor_kl`, `alignment_loss`
+    Confidence-Aware Adaptive Loss, w = 1 + alpha H(p)/log C (abstract, Fig. 1)  -> `confidence_weight`
+    L = L_ce + w (L_high + L_low + L_kl) + L_align  -> `train_step`
 
-Prompt perturbations (`--robustness`): the learned context keeps positions 1..M; what follows it
-(the "fixed part") is replaced. A perturbed sentence whose first M tokens are the clinical
-template's first M tokens has them overwritten by the context exactly as in training, so
-"clinical" is the trained prompt and "descriptive" is the trained prompt followed by the class's
-first expert description. Any other sentence (generic "a photo of a {}.", article "a {}.",
-minimal "{}") follows the context whole: [start] ctx "a {class}." [end]; cutting its own first M
-tokens would cut into the class name (where the template is the generic one, as on synthetic,
-generic = clinical). "typo" perturbs about 20% of the non-space characters of
-the clean fixed part (the template after ctx_init, class name untouched; substitutions, seeded by
-the template): typos inside ctx_init would be invisible, those tokens are the learned context.
-Image features do not depend on the fixed part, so they are computed once and re-scored.
+Prompt perturbations (`--robustness`, ours: deviation 12): the learned context keeps positions
+1..M and the rest of the prompt (the "fixed part") is replaced. "clinical" is the trained prompt;
+"descriptive" appends the class's first expert description; "typo" substitutes about 20% of the
+non-space characters of the template after ctx_init (class name kept, seeded by the template);
+"generic" ("a photo of a {}."), "article" ("a {}.") and "minimal" ("{}") follow the context whole:
+[start] ctx "a {class}." [end] (on synthetic, whose template is the generic one, generic =
+clinical). The image features do not depend on the fixed part: computed once, re-scored.
 
 Deviations (from the paper, the official code, or both):
   1. `--variant official` keeps the released behaviour: fixed zero prompts overwrite patches 1..P
@@ -44,29 +42,27 @@ Deviations (from the paper, the official code, or both):
      (at block 0 the learnable prompt), and blocks fed by the fusion own no prompt (it would be
      unused); low anchor = few-shot visual prototypes; the confidence weight scales L_high, L_low
      and L_kl (the three terms pulling towards an anchor); KL teacher detached (it is a target).
-  2. Frozen encoders always run in eval mode (official: BERT dropout active in training).
-  3. Zero prompts are a non-persistent buffer, without the official Dropout(0.5) (a no-op on zeros).
-  4. Class token at the end in both protocols (official base-to-novel drivers fell back to the
+  2. Frozen encoders always run in eval mode (official: BERT dropout active in training). Zero
+     prompts are a non-persistent buffer without the official Dropout(0.5) (a no-op on zeros).
+  3. Class token at the end in both protocols (the official base-to-novel drivers fell back to the
      buggy `middle`); n_ctx from the per-dataset yaml in both.
-  5. Inference never takes labels (official hard-codes an 'oracle' that uses labels when given);
-     the default context is the mean over classes. With a class-shared context the label-indexed
-     training context, the mean and per-class coincide numerically; the paper's form is kept.
-  6. Anchors are computed once with the same frozen model (official loads a second BiomedCLIP);
-     they are training-only, so evaluation models (novel classes, perturbed prompts) carry none.
-  7. Prompts go through the text tower trimmed to their real length (identical under the mask).
+  4. Inference never takes labels (the official code uses them when given, an 'oracle'); the
+     default context is the mean over classes (identical numbers with a class-shared context).
+  5. Anchors are computed once with the same frozen model (official: a second BiomedCLIP); they
+     are training-only, so evaluation models (novel classes, perturbed prompts) carry none.
+  6. Prompts go through the text tower trimmed to their real length (identical under the mask).
+  7. A missing checkpoint is an error (the official code silently evaluated an untrained model).
   8. Attention uses 8 heads, or the largest count <= 8 dividing Du (official: 8). Where D != Dt, as
      official, only the attentions run at Du (the narrower stream projected in and back), the rest
      at each stream's width: 13,190,400 parameters a module at 768/512, 15,353,856 at 768/768.
   9. Fusion blocks 5 and 8 are for a 12-block tower; other depths use round(i * depth / 12).
  10. Synthetic data and your own folders use the official global defaults (lambda 12.5/0.25/0.3,
      align 0.1 as in every yaml, epochs 100 / 50, n_ctx = all ctx_init tokens).
- 11. A missing checkpoint is an error (official silently evaluated an untrained model).
- 12. Base-to-novel reports the true harmonic mean (the official table's "HM" is arithmetic).
- 13. The robustness protocol above is ours: the released code has none.
+ 11. Base-to-novel reports the true harmonic mean (the official table's "HM" is arithmetic).
+ 12. The robustness protocol above is ours: the released code has none.
 """
 import dataclasses
 import math
-import random
 import time
 from dataclasses import dataclass
 
@@ -99,21 +95,18 @@ LAMBDA_ALIGN = 0.1                   # every yaml: ALIGNMENT_LAMBDA
 EPOCHS = {"all": 100, "base": 50}    # MAX_EPOCH few-shot / base-to-novel
 N_PROMPTS = {"all": 40, "base": 50}  # expert descriptions per class in the high anchor
 REFERENCE_DEPTH, REFERENCE_FUSION = 12, (5, 8)  # the paper's blocks 5 and 8 of a 12-block ViT
-PERTURBATIONS = ("clinical", "generic", "article", "minimal", "typo", "descriptive")
 
 
 @dataclass
 class Args:
-    dataset: str = arg("btmri", "benchmark name (btmri, busi, ...), synthetic, or your own folder with one "
-                                "sub-folder per class")
+    dataset: str = arg("btmri", "benchmark name (btmri, busi, ...), synthetic, or your own folder of class sub-folders")
     root: str = arg("data", "folder holding the benchmark datasets")
     download: bool = arg(False, "fetch a missing benchmark dataset from the Hugging Face hub")
     shots: int = arg(16, "K labelled training images per class")
     seed: int = arg(1, "seed of the few-shot subset, the initialisation and the data order")
-    subsample: str = arg("all", "all: few-shot on every class; base: train on the base classes, test on base "
-                                "and novel", ["all", "base"])
-    backbone: str = arg("biomedclip", "frozen backbone: biomedclip, clip, hf-hub:ORG/REPO, local-dir:PATH, "
-                                      "MODEL:PRETRAINED, tiny, tiny-clip, biomedclip-random")
+    subsample: str = arg("all", "all: few-shot on every class; base: train on base classes, test base and novel",
+                         ["all", "base"])
+    backbone: str = arg("biomedclip", "frozen backbone: biomedclip, clip, hf-hub:ORG/REPO, local-dir:PATH, tiny, ...")
     # the method (official configs/trainers/BiomedAP defaults)
     variant: str = arg("paper", "paper: the method as published; official: the released code's behaviour",
                        ["paper", "official"])
@@ -141,21 +134,17 @@ class Args:
     infer_context: str = arg("mean", "text context the fusion sees at test time", ["mean", "per-class"])
     robustness: bool = arg(False, "also evaluate under prompt perturbations (see the docstring)")
     # running
-    eval_only: str = arg("", "RUN_DIR: evaluate a finished run with its saved arguments (evaluation options "
-                             "given here win) and rewrite its metrics.json")
+    eval_only: str = arg("", "RUN_DIR: evaluate a finished run (evaluation flags given here win); rewrite metrics.json")
     predict: list = list_arg(str, "RUN_DIR IMAGE_OR_FOLDER...: classify new images with a finished run "
                                   "(top 3 classes per image)")
     predictions: str = arg("", "with --predict: also write one CSV row per image to this file")
     resume: bool = arg(False, "continue an interrupted run from its checkpoint")
-    overwrite: bool = arg(False, "replace the run in the same folder (the old one stays until the new one "
-                                 "has a checkpoint)")
+    overwrite: bool = arg(False, "replace the run in its folder (the old one stays until the new one has a checkpoint)")
     stop_after_epoch: int = arg(0, "testing: stop after this epoch, leaving only the checkpoint", hidden=True)
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
     precision: str = arg("fp32", "fp32, or bf16 autocast on CUDA", ["fp32", "bf16"])
-    workers: int = arg(4, "data loader worker processes (augmentation draws depend on the count: "
-                          "keep it fixed to repeat a run)")
-    benchmark: bool = arg(False, "time a training step and evaluation against the bare frozen towers, print "
-                                 "one JSON line and exit")
+    workers: int = arg(4, "data loader processes (augmentations depend on the count: keep it fixed to repeat a run)")
+    benchmark: bool = arg(False, "time a training step and evaluation against the bare frozen towers; print JSON")
     out: str = arg("runs", "folder of run folders")
 
 
@@ -219,7 +208,8 @@ def heads_for(width, wanted):
 
 class GatedFusion(nn.Module):
     """Gated bidirectional cross-attention between visual prompts P_v (B, P, D) and the text context
-    P_t (B, M, Dt) (spec 2.3). Only the attentions run at Du = max(D, Dt), the narrower stream
+    P_t (B, M, Dt) (Fig. 1's GCPF; released
+    trainers/cross_modal_fusion.py). Only the attentions run at Du = max(D, Dt), the narrower stream
     projected in (Pi) and back (Po); the rest works at each stream's own width, as official:
         dP_v = Po_v MHA(Pi_v P_v, Pi_t P_t, Pi_t P_t)     dP_t = Po_t MHA(Pi_t P_t, Pi_v P_v, Pi_v P_v)
         g_v = sigmoid(W_gv P_v + b)                       g_t = sigmoid(W_gt P_t + b)
@@ -391,6 +381,7 @@ def confidence_weight(logits, alpha):
     return 1 + alpha * entropy.mean()
 
 
+# --------------------------------------------------------------------------- training step
 def train_step(model, images, labels, optimizer, lam, args):
     """One optimisation step; returns the logged loss terms and the logits."""
     with common.autocast(args.precision, images.device):
@@ -521,26 +512,6 @@ def evaluate(model, loader, args, device):
                                          len(model.prompt_learner.ids))
 
 
-def typo_template(template, ctx_init, rate=0.2):
-    """Substitute ~rate of the non-space characters of the fixed part (after ctx_init, class slot kept)."""
-    head, tail = template[:len(ctx_init)], template[len(ctx_init):]
-    slot = tail.index("{}")
-    eligible = [i for i, ch in enumerate(tail) if not ch.isspace() and not slot <= i < slot + 2]
-    rng, chars = random.Random(f"typo:{template}"), list(tail)
-    for i in rng.sample(eligible, max(1, round(rate * len(eligible))) if eligible else 0):
-        chars[i] = rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c != chars[i].lower()])
-    return head + "".join(chars)
-
-
-def perturbed_sentences(text, classnames):
-    t, names = text["template"], list(classnames)
-    typo = typo_template(t, text["ctx_init"])
-    return {"clinical": [t.format(c) for c in names], "generic": [f"a photo of a {c}." for c in names],
-            "article": [f"a {c}." for c in names], "minimal": list(names),
-            "typo": [typo.format(c) for c in names],
-            "descriptive": [f"{t.format(c)} {text['classes'][c]['descriptions'][0]}" for c in names]}
-
-
 @torch.no_grad()
 def evaluate_with_robustness(model, loader, args, device, text, classnames):
     """Test metrics and the accuracy under each prompt perturbation; the image features do not
@@ -549,7 +520,7 @@ def evaluate_with_robustness(model, loader, args, device, text, classnames):
     C = len(classnames)
     metrics = common.classification_metrics(score(model, feats, model.text_features()), labels, C)
     accuracy = {}
-    for name, sentences in perturbed_sentences(text, classnames).items():
+    for name, sentences in data.perturbed_sentences(text, classnames).items():
         ids, embeds = model.prompt_learner.fixed_part(sentences)
         accuracy[name] = common.classification_metrics(score(model, feats, model.text_features(embeds, ids)),
                                                        labels, C)["accuracy"]
@@ -584,17 +555,6 @@ def classnames_of(splits, train, args):
     return {"base": train.classnames, "novel": data.subsample_classes(splits, "novel").classnames}
 
 
-def summary_line(metrics):
-    keys = [k for k in ("test", "base", "novel") if k in metrics]
-    text = " ".join(f"{k} acc {metrics[k]['accuracy']:.2f} f1 {metrics[k]['macro_f1']:.2f} "
-                    f"ece {metrics[k]['ece']:.2f}" for k in keys)
-    if "harmonic_mean" in metrics:
-        text += f" HM {metrics['harmonic_mean']:.2f}"
-    if "robustness" in metrics:
-        text += f" robustness mean drop {metrics['robustness']['mean_drop']:.2f}"
-    return text
-
-
 def folder_of(args):
     """runs/[<backbone>/]biomedap[-official]/<dataset>/<K>shot[_base2novel]/seed<S>/"""
     method = "biomedap" if args.variant == "paper" else "biomedap-official"
@@ -616,7 +576,7 @@ def eval_only(cli):
     common.write_eval_only(cli.eval_only, args, metrics, time.perf_counter() - start, given,
                            {"config": cfg, "shots_per_class": data.shots_per_class(train)},
                            classnames_of(splits, train, args))
-    print(summary_line(metrics), f"-> {cli.eval_only}/metrics.json")
+    print(common.summary_line(metrics), f"-> {cli.eval_only}/metrics.json")
     return metrics
 
 
@@ -652,8 +612,7 @@ def benchmark(args):
     labels = torch.arange(B, device=device) % len(classnames)
     model = build_model(backbone, classnames, text, cfg, dataclasses.replace(args, infer_context="mean"), device,
                         support=[(images, labels)])  # the paper's prototypes: from the random batch
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.SGD(params.values(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer, _ = make_optimizer(model, args, cfg["epochs"])
     ids = model.prompt_learner.ids
     token = torch.zeros(1, 1, backbone.image_width, device=device, requires_grad=True)  # dummy learnable
     embeds = backbone.token_embedding(ids).detach().requires_grad_()
@@ -681,8 +640,9 @@ def benchmark(args):
 
     extra = {"method": "biomedap", "variant": args.variant, "backbone": args.backbone, "batch": B,
              "eval_batch": n_eval, "classes": len(classnames), "prompt_length": ids.shape[1]}
-    return common.benchmark_report(device, args.precision, step, floor, infer, lambda: backbone.encode_image(eval_images),
-                            n_eval, sum(p.numel() for p in params.values()), extra)
+    return common.benchmark_report(device, args.precision, step, floor, infer,
+                                   lambda: backbone.encode_image(eval_images), n_eval,
+                                   sum(p.numel() for p in model.parameters() if p.requires_grad), extra)
 
 
 def main(args):
@@ -702,14 +662,8 @@ def main(args):
     backbone, model, splits, train, text, cfg = setup(args, device)
     loader = make_train_loader(train, backbone, args)
     optimizer, scheduler = make_optimizer(model, args, cfg["epochs"])
-    groups = {}  # a fusion module's tensors are listed as one entry
-    for n, p in model.named_parameters():
-        groups.setdefault(".".join(n.split(".")[:2]) if n.startswith("fusion.") else n, []).append(p)
-    print("trainable:", ", ".join(f"{g} {tuple(ps[0].shape) if len(ps) == 1 else f'({len(ps)} tensors)'}"
-                                  for g, ps in groups.items()),
-          f"= {sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters;",
-          f"{len(train.train)} training images, {len(train.classnames)} classes, {len(loader)} steps/epoch;",
-          f"config {cfg}")
+    print(common.describe_trainable(model, group=("fusion",)), f"{len(train.train)} training images,",
+          f"{len(train.classnames)} classes, {len(loader)} steps/epoch; config {cfg}")
     first = common.restore_training_state(ckpt, model, optimizer, scheduler, loader) if ckpt else 1
     setup_s, train_start = time.perf_counter() - start, time.perf_counter()
     last = min(args.stop_after_epoch or cfg["epochs"], cfg["epochs"])
@@ -730,7 +684,7 @@ def main(args):
         "config": cfg, "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "shots_per_class": data.shots_per_class(train)}, classnames_of(splits, train, args))
     common.finish_checkpoint(run.path)
-    print(summary_line(metrics), f"-> {run.path / 'metrics.json'}")
+    print(common.summary_line(metrics), f"-> {run.path / 'metrics.json'}")
     return metrics
 
 

@@ -81,16 +81,14 @@ ATTRIBUTE_SETS = ("descriptions", "distinctive", "confusions")  # Des, Dist, Con
 
 @dataclass
 class Args:
-    dataset: str = arg("btmri", "benchmark name (btmri, busi, ...), synthetic, or your own folder with one "
-                                "sub-folder per class")
+    dataset: str = arg("btmri", "benchmark name (btmri, busi, ...), synthetic, or your own folder of class sub-folders")
     root: str = arg("data", "folder holding the benchmark datasets")
     download: bool = arg(False, "fetch a missing benchmark dataset from the Hugging Face hub")
     shots: int = arg(16, "K labelled training images per class")
     seed: int = arg(1, "seed of the few-shot subset, the initialisation and the data order")
-    subsample: str = arg("all", "all: few-shot on every class; base: train on the base classes, test on base "
-                                "and novel", ["all", "base"])
-    backbone: str = arg("biomedclip", "frozen backbone: biomedclip, clip, hf-hub:ORG/REPO, local-dir:PATH, "
-                                      "MODEL:PRETRAINED, tiny, tiny-clip, biomedclip-random")
+    subsample: str = arg("all", "all: few-shot on every class; base: train on base classes, test base and novel",
+                         ["all", "base"])
+    backbone: str = arg("biomedclip", "frozen backbone: biomedclip, clip, hf-hub:ORG/REPO, local-dir:PATH, tiny, ...")
     # the method (paper Table 1 / released Table-1 script defaults)
     frame: int = arg(None, "w: width of the learnable padding frame in pixels; none = 16/224 of the "
                       "input size (official: 16 at 224)")
@@ -111,21 +109,17 @@ class Args:
     eval_every: int = arg(0, "also evaluate the test set every N epochs (0: only at the end); "
                           "the best of these is reported as test-selected")
     # running
-    eval_only: str = arg("", "RUN_DIR: evaluate a finished run with its saved arguments (evaluation options "
-                             "given here win) and rewrite its metrics.json")
+    eval_only: str = arg("", "RUN_DIR: evaluate a finished run (evaluation flags given here win); rewrite metrics.json")
     predict: list = common.list_arg(str, "RUN_DIR IMAGE_OR_FOLDER...: classify new images with a finished run "
                                          "(top 3 classes per image)")
     predictions: str = arg("", "with --predict: also write one CSV row per image to this file")
     resume: bool = arg(False, "continue an interrupted run from its checkpoint")
-    overwrite: bool = arg(False, "replace the run in the same folder (the old one stays until the new one "
-                                 "has a checkpoint)")
+    overwrite: bool = arg(False, "replace the run in its folder (the old one stays until the new one has a checkpoint)")
     stop_after_epoch: int = arg(0, "testing: stop after this epoch, leaving only the checkpoint", hidden=True)
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
     precision: str = arg("fp32", "fp32, or bf16 autocast on CUDA", ["fp32", "bf16"])
-    workers: int = arg(4, "data loader worker processes (augmentation draws depend on the count: "
-                          "keep it fixed to repeat a run)")
-    benchmark: bool = arg(False, "time a training step and evaluation against the bare frozen towers, print "
-                                 "one JSON line and exit")
+    workers: int = arg(4, "data loader processes (augmentations depend on the count: keep it fixed to repeat a run)")
+    benchmark: bool = arg(False, "time a training step and evaluation against the bare frozen towers; print JSON")
     out: str = arg("runs", "folder of run folders")
 
 
@@ -355,15 +349,6 @@ def classnames_of(evals):
     return {name: split.classnames for name, split in evals.items()}
 
 
-def summary_line(metrics):
-    keys = [k for k in ("test", "base", "novel") if k in metrics]
-    text = " ".join(f"{k} acc {metrics[k]['accuracy']:.2f} f1 {metrics[k]['macro_f1']:.2f} "
-                    f"ece {metrics[k]['ece']:.2f}" for k in keys)
-    if "harmonic_mean" in metrics:
-        text += f" HM {metrics['harmonic_mean']:.2f}"
-    return text + f" gate {metrics['gate'][0]:.3f}/{metrics['gate'][1]:.3f}"
-
-
 def folder_of(args):
     """runs/[<backbone>/]biomedvr[-fused]/<dataset>/<K>shot[_base2novel]/seed<S>/"""
     method = "biomedvr" if args.cs_anchor == "positive" else "biomedvr-fused"
@@ -385,7 +370,7 @@ def eval_only(cli):
     metrics = evaluate_all(model, backbone, evals, make_eval_loaders(evals, backbone.image_size, args), args, device)
     common.write_eval_only(cli.eval_only, args, metrics, time.perf_counter() - start, given,
                            {"shots_per_class": data.shots_per_class(train)}, classnames_of(evals))
-    print(summary_line(metrics), f"-> {cli.eval_only}/metrics.json")
+    print(common.summary_line(metrics), f"-> {cli.eval_only}/metrics.json")
     return metrics
 
 
@@ -467,9 +452,8 @@ def main(args):
     backbone, model, train, evals = setup(args, device)
     loader = make_train_loader(train, backbone.image_size, args)
     optimizer, scheduler = make_optimizer(model, args, len(loader))
-    print("trainable:", ", ".join(f"{n} {tuple(p.shape)}" for n, p in model.named_parameters()),
-          f"= {sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters;",
-          f"{len(train.train)} training images, {len(train.classnames)} classes, {len(loader)} steps/epoch")
+    print(common.describe_trainable(model), f"{len(train.train)} training images,",
+          f"{len(train.classnames)} classes, {len(loader)} steps/epoch")
     first = common.restore_training_state(ckpt, model, optimizer, scheduler, loader) if ckpt else 1
     history = ckpt["history"] if ckpt else []  # --eval-every: test accuracy after epoch e
     eval_loaders = make_eval_loaders(evals, backbone.image_size, args)
@@ -502,7 +486,7 @@ def main(args):
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "eval_history": history, "shots_per_class": data.shots_per_class(train)}, classnames_of(evals))
     common.finish_checkpoint(run.path)
-    print(summary_line(metrics), f"-> {run.path / 'metrics.json'}")
+    print(common.summary_line(metrics), f"-> {run.path / 'metrics.json'}")
     return metrics
 
 

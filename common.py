@@ -616,6 +616,34 @@ def restore_training_state(ckpt: dict, model, optimizer, scheduler, loader) -> i
     return ckpt["epoch"] + 1
 
 
+def describe_trainable(model, group=()) -> str:
+    """"trainable: name (shape) ..., = N parameters;" for the start of a run; the tensors of a
+    module listed in `group` (e.g. each fusion module) are counted as one entry."""
+    entries = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = ".".join(name.split(".")[:2]) if name.split(".")[0] in group else name
+            entries.setdefault(key, []).append(p)
+    listed = ", ".join(f"{k} {tuple(ps[0].shape) if len(ps) == 1 else f'({len(ps)} tensors)'}"
+                       for k, ps in entries.items())
+    return f"trainable: {listed} = {sum(p.numel() for ps in entries.values() for p in ps):,} parameters;"
+
+
+def summary_line(metrics: dict) -> str:
+    """The final line of a run: accuracy, macro-F1 and ECE of each evaluation block, the HM, and
+    the method's extras (BiomedAP's robustness drop, BioMedVR's gate)."""
+    keys = [k for k in ("test", "base", "novel") if k in metrics]
+    text = " ".join(f"{k} acc {metrics[k]['accuracy']:.2f} f1 {metrics[k]['macro_f1']:.2f} "
+                    f"ece {metrics[k]['ece']:.2f}" for k in keys)
+    if "harmonic_mean" in metrics:
+        text += f" HM {metrics['harmonic_mean']:.2f}"
+    if "robustness" in metrics:
+        text += f" robustness mean drop {metrics['robustness']['mean_drop']:.2f}"
+    if "gate" in metrics:
+        text += f" gate {metrics['gate'][0]:.3f}/{metrics['gate'][1]:.3f}"
+    return text
+
+
 def epoch_line(epoch: int, epochs: int, stats: dict, seconds: float, extra: str = "") -> str:
     """The line both methods print after each epoch: the epoch, each loss term, the training
     accuracy, the learning rate of the epoch's last step, the method's extras, the seconds."""

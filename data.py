@@ -746,6 +746,31 @@ def synthetic_class_text() -> dict:
     return {"template": "a photo of a {}.", "ctx_init": "a photo of a", "classes": classes}
 
 
+# Prompt perturbations for BiomedAP's robustness evaluation (the protocol: biomedap.py's docstring).
+PERTURBATIONS = ("clinical", "generic", "article", "minimal", "typo", "descriptive")
+
+
+def typo_template(template, ctx_init, rate=0.2):
+    """Substitute ~rate of the non-space characters of the fixed part (after ctx_init, class slot kept)."""
+    head, tail = template[:len(ctx_init)], template[len(ctx_init):]
+    slot = tail.index("{}")
+    eligible = [i for i, ch in enumerate(tail) if not ch.isspace() and not slot <= i < slot + 2]
+    rng, chars = random.Random(f"typo:{template}"), list(tail)
+    for i in rng.sample(eligible, max(1, round(rate * len(eligible))) if eligible else 0):
+        chars[i] = rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c != chars[i].lower()])
+    return head + "".join(chars)
+
+
+def perturbed_sentences(text, classnames):
+    """{perturbation: one sentence per class}, in the order of PERTURBATIONS."""
+    t, names = text["template"], list(classnames)
+    typo = typo_template(t, text["ctx_init"])
+    return {"clinical": [t.format(c) for c in names], "generic": [f"a photo of a {c}." for c in names],
+            "article": [f"a {c}." for c in names], "minimal": list(names),
+            "typo": [typo.format(c) for c in names],
+            "descriptive": [f"{t.format(c)} {text['classes'][c]['descriptions'][0]}" for c in names]}
+
+
 def load_class_text(dataset: str, classnames: list[str], root: str = "data") -> dict:
     """The class text of a dataset, checked and restricted to `classnames` in that order.
 
