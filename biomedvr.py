@@ -12,17 +12,20 @@ margin loss keeps the strongest confusion score below the true class's positive 
 Symbols: B batch, C classes, S backbone input size, w frame width (S - 2w: the image inside it),
 m attributes per class, k top-k, E joint embedding width.
 
-Equation map:
-    padding VR program x + sigmoid(delta) * M, then normalise  -> `BioMedVR.reprogram`
-    attribute banks Des, Dist, Conf (m, C, E), seeded sampling  -> `sample_attributes`, `attribute_banks`
-    k-nearest attribute score  s_c = mean top-k 100*cos(z, a)    -> `topk_score`
-    experts  s+ = (s_Des + s_Dist) / 2 on delta+, s- = s_Conf on delta-  -> `BioMedVR.forward`
-    gate  g = softmax(w), logits = g+ s+ + g- s-                -> `BioMedVR.forward`
-    L = CE(logits, y) + beta * L_CS                              -> `cross_entropy_loss`,
-        L_CS = mean_i relu(max_c s-_ic - anchor_iy + margin)        `confusion_suppression_loss`,
-                                                                    `compute_losses`
-    training images: resize to S-2w, random-resized crop, flip   -> `make_train_loader`
-    SGD, cosine to 0 over epochs x steps per epoch                -> `make_optimizer`
+Equation map. The paper's method section could not be read: its abstract, its pipeline figure
+on the project page and Table 1 could; each line names where the piece is drawn or said:
+    padding VR program x + sigmoid(delta) * M, then normalise (pipeline figure; AttrVR)  -> `BioMedVR.reprogram`
+    attribute sets Des, Dist, Conf, m per class (abstract, pipeline figure)  -> `sample_attributes`, `attribute_banks`
+    k-nearest attribute score s_c = mean of the top-k s cos(z, a), s the
+      backbone's logit scale (100 for CLIP; figure: "Top-K")  -> `topk_score`
+    positive expert s+ = (s_Des + s_Dist) / 2 on delta+, negative expert
+      s- = s_Conf on delta- (abstract, pipeline figure)  -> `BioMedVR.forward`
+    adaptive gate g = softmax(w), logits = g+ s+ + g- s- (abstract, pipeline figure)  -> `BioMedVR.forward`
+    L = CE(logits, y) + beta L_CS (abstract)  -> `cross_entropy_loss`, `compute_losses`
+    confusion suppression L_CS = mean_i relu(max_c s-_ic - anchor_iy + margin),
+      anchor s+_y (figure: "s+_y - s-_c > m") or the fused logit (released)  -> `confusion_suppression_loss`
+    training images: resize to S-2w, random-resized crop, flip (released)  -> `make_train_loader`
+    SGD, cosine to 0 over epochs x steps per epoch (released)  -> `make_optimizer`
 
 Deviations from the paper / official code (the released Table-1 script, `experiments/biomedvr.py`):
   * The reported number is the LAST epoch's test accuracy; the official code evaluates the test set
@@ -349,6 +352,28 @@ def classnames_of(evals):
     return {name: split.classnames for name, split in evals.items()}
 
 
+@torch.no_grad()
+def save_programs_png(model, train, S, args, path, n=4):
+    """programs.png: the two learned frames alone (first column), then a few training images (one
+    per class, test transform) as the frozen image tower sees them under delta+ and delta-."""
+    firsts = list({item.label: item for item in reversed(train.train)}.values())[::-1][:n]
+    dataset = data.ImageDataset(firsts, data.build_transform(S - 2 * frame_width(args, S)))
+    images = torch.stack([dataset[i][0] for i in range(len(firsts))]).to(model.mask.device)
+    seen = model.reprogram(images) * model.std + model.mean  # (2n, 3, S, S), un-normalised to [0, 1]
+    frames = torch.stack([model.delta_plus, model.delta_minus]).sigmoid() * model.mask  # (2, 3, S, S)
+    fig = common.new_figure(1.5 * (len(firsts) + 1), 3.3)
+    axes = fig.subplots(2, len(firsts) + 1, squeeze=False)
+    for row, expert in enumerate(("delta+ (positive)", "delta- (negative)")):
+        panels = [frames[row]] + [seen[row * len(firsts) + i] for i in range(len(firsts))]
+        titles = ["frame alone"] + [item.classname for item in firsts]
+        for ax, image, title in zip(axes[row], panels, titles):
+            ax.imshow(image.clamp(0, 1).permute(1, 2, 0).cpu().numpy())  # (S, S, 3)
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(title if row == 0 else "", fontsize=7)
+        axes[row, 0].set_ylabel(expert, fontsize=8)
+    common.atomic_write_png(fig, path)
+
+
 def folder_of(args):
     """runs/[<backbone>/]biomedvr[-fused]/<dataset>/<K>shot[_base2novel]/seed<S>/"""
     method = "biomedvr" if args.cs_anchor == "positive" else "biomedvr-fused"
@@ -485,6 +510,7 @@ def main(args):
     common.write_metrics(run.path, args, metrics, timings, {
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "eval_history": history, "shots_per_class": data.shots_per_class(train)}, classnames_of(evals))
+    save_programs_png(model, train, backbone.image_size, args, run.path / "programs.png")
     common.finish_checkpoint(run.path)
     print(common.summary_line(metrics), f"-> {run.path / 'metrics.json'}")
     return metrics

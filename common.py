@@ -761,7 +761,7 @@ def write_metrics(folder: Path, args, metrics: dict, timings: dict, extra: dict 
     return record
 
 
-def _figure(width, height):
+def new_figure(width, height):
     """A matplotlib figure drawn by the Agg backend: no display, no pyplot state."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -792,7 +792,7 @@ def plot_confusion(metrics: dict, path: Path, classnames=None):
         return
     sizes = [len(v["confusion_matrix"]) for v in blocks.values()]
     side = 1.6 + 0.45 * max(sizes)
-    fig = _figure(side * len(blocks), side + 0.6)
+    fig = new_figure(side * len(blocks), side + 0.6)
     for ax, (block, m) in zip(fig.subplots(1, len(blocks), squeeze=False)[0], blocks.items()):
         cm = np.asarray(m["confusion_matrix"])
         C = len(cm)
@@ -1116,7 +1116,7 @@ def plot_fewshot(series: dict, path: Path):
     ncols = min(4, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     legend_cols = min(len(labels), max(ncols, 2))  # about one "<folder>/<method>" per 3 inches
-    fig = _figure(max(3.0 * ncols, 4.5), 2.5 * nrows + 0.2 * math.ceil(len(labels) / legend_cols) + 0.3)
+    fig = new_figure(max(3.0 * ncols, 4.5), 2.5 * nrows + 0.2 * math.ceil(len(labels) / legend_cols) + 0.3)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, panel in zip(axes, panels):
         for label, points in series[panel].items():
@@ -1158,7 +1158,7 @@ def base2novel_series(runs) -> dict:
 def plot_base2novel(bars: dict, path: Path):
     """A panel per folder/method: base, novel and harmonic-mean bars for each dataset."""
     width = max(len(entries) for entries in bars.values())
-    fig = _figure(1.5 + 0.9 * width, 2.6 * len(bars) + 0.4)
+    fig = new_figure(1.5 + 0.9 * width, 2.6 * len(bars) + 0.4)
     for ax, (label, entries) in zip(fig.subplots(len(bars), 1, squeeze=False)[:, 0], bars.items()):
         x = np.arange(len(entries))
         for i, name in enumerate(("base", "novel", "HM")):

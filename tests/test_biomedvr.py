@@ -384,3 +384,15 @@ def test_official_dataset_layout_runs_end_to_end(tmp_path):
     metrics = run(tmp_path, dataset="btmri", root=str(root), shots=2, epochs=1)  # text: prompts/btmri.json
     assert metrics["test"]["n"] == 8 and len(metrics["test"]["confusion_matrix"]) == 4
     assert (tmp_path / "runs/tiny-clip/biomedvr/btmri/2shot/seed1/metrics.json").is_file()
+
+
+def test_a_finished_run_draws_its_programs(tmp_path):
+    """programs.png: two rows (delta+, delta-), the frame alone then one training image per class."""
+    run(tmp_path, epochs=1)
+    folder = common.run_dir(str(tmp_path / "runs"), "biomedvr", "synthetic", 4, 1, backbone="tiny-clip")
+    with Image.open(folder / "programs.png") as picture:
+        width, height = picture.size
+        pixels = np.asarray(picture.convert("RGB"))
+    assert 2.0 < width / height < 2.6 and pixels.std() > 10  # 5 panels a row, 2 rows, not blank
+    with Image.open(folder / "confusion.png") as picture:
+        assert picture.size[0] > 100
