@@ -653,11 +653,7 @@ def main(args):
     if args.predict:
         return common.predict_cli(args, load_run)
     start = time.perf_counter()
-    common.validate_args(args)
-    device = common.resolve_device(args.device)
-    common.autocast(args.precision, device)  # refuses bf16 without CUDA before anything is loaded
-    run = common.prepare_run_dir(folder_of(args), args.overwrite, args.resume)
-    ckpt = common.resume_checkpoint(run, args) if args.resume else None
+    device, run, ckpt = common.start_run(args, folder_of(args))
     common.seed_everything(args.seed)
     backbone, model, splits, train, text, cfg = setup(args, device)
     loader = make_train_loader(train, backbone, args)

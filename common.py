@@ -573,6 +573,17 @@ def check_resume(saved_args: dict, args) -> None:
                         f"use the run's settings or --overwrite")
 
 
+def start_run(args, folder: Path):
+    """What a training run checks before anything is loaded: the shared arguments, the device and
+    precision, the run folder (never clobbered), and with --resume the checkpoint and its
+    settings. Returns (device, RunFolder, checkpoint or None)."""
+    validate_args(args)
+    device = resolve_device(args.device)
+    autocast(args.precision, device)  # refuses bf16 without CUDA
+    run = prepare_run_dir(folder, args.overwrite, args.resume)
+    return device, run, resume_checkpoint(run, args) if args.resume else None
+
+
 def trainable_state(model) -> dict:
     """The learnable tensors of a method's model, on the CPU: what a run keeps."""
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
