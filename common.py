@@ -1066,7 +1066,7 @@ def _fewshot_table(folder, method, few, zero, rows):
                 rows.append([folder, method, "fewshot", d, k, "accuracy", f"{m:.4f}", f"{s:.4f}", len(seeds)])
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
     lines.append("| **average** | " + " | ".join(
-        f"{np.mean(v):.2f} ({len(v)} datasets)" if v else "–" for v in per_shot.values()) + " |")
+        f"{np.mean(v):.2f} ({len(v)} dataset{'s' if len(v) > 1 else ''})" if v else "–" for v in per_shot.values()) + " |")
     return lines + [""]
 
 
