@@ -114,7 +114,7 @@ class Args:
     # running
     eval_only: str = arg("", "RUN_DIR: evaluate a finished run (evaluation flags given here win); rewrite metrics.json")
     predict: list = common.list_arg(str, "RUN_DIR IMAGE_OR_FOLDER...: classify new images with a finished run "
-                                         "(top 3 classes per image)")
+                                         "(top 3 classes per image)", nargs="+")
     predictions: str = arg("", "with --predict: also write one CSV row per image to this file")
     resume: bool = arg(False, "continue an interrupted run from its checkpoint")
     overwrite: bool = arg(False, "replace the run in its folder (the old one stays until the new one has a checkpoint)")

@@ -358,16 +358,23 @@ def arg(default, help: str, choices=None, hidden: bool = False):
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "hidden": hidden})
 
 
-def list_arg(kind, help: str):
-    """A list field of an Args dataclass (empty by default): `--flag A B C`."""
-    return dataclasses.field(default_factory=list, metadata={"help": help, "type": kind})
+def list_arg(kind, help: str, nargs: str = "*"):
+    """A list field of an Args dataclass (empty by default): `--flag A B C`; nargs "+" when the
+    flag, once given, needs at least one value."""
+    return dataclasses.field(default_factory=list, metadata={"help": help, "type": kind, "nargs": nargs})
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that answers a bad command line with one line (not the whole usage) and exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def build_parser(args_cls, description: str = "") -> argparse.ArgumentParser:
     """argparse from a dataclass: field `foo_bar` becomes `--foo-bar`; bools become
     `--foo/--no-foo`; list fields take several values; Optional fields accept `none`."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(args_cls):
         flag = "--" + f.name.replace("_", "-")
         help_, choices = f.metadata.get("help", ""), f.metadata.get("choices")
@@ -378,7 +385,7 @@ def build_parser(args_cls, description: str = "") -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif isinstance(default, list):
             kind = f.metadata.get("type") or (type(default[0]) if default else int)
-            parser.add_argument(flag, nargs="*", type=kind, default=default, help=help_)
+            parser.add_argument(flag, nargs=f.metadata.get("nargs", "*"), type=kind, default=default, help=help_)
         elif default is None:
             parser.add_argument(flag, type=_none_or_number, default=None, help=help_, choices=choices)
         else:
@@ -717,12 +724,16 @@ def finish_checkpoint(path: Path):
                     {k: state[k] for k in FINISHED_CHECKPOINT_KEYS if k in state})
 
 
-def atomic_write_json(path: Path, obj):
+def atomic_write_text(path: Path, text: str):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def save_checkpoint(path: Path, state: dict):
@@ -973,6 +984,8 @@ def summarize(root="runs") -> str:
     Writes summary.md, summary.csv, fewshot.png and (with base-to-novel runs) base2novel.png
     into `root` and returns the markdown."""
     root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder: pass the folder that holds the run folders (default: runs)")
     runs = _collect(root)
     folders = sorted({k[0] for k in runs})
     counts = {f: sum(len(v) for k, v in runs.items() if k[0] == f) for f in folders}
@@ -1012,10 +1025,10 @@ def summarize(root="runs") -> str:
                                      f"{(base + novel) / 2:.2f} |")
                 lines.append("")
     text = "\n".join(lines) if runs else f"no finished runs under {root}"
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "summary.md").write_text(text + "\n")
-    with open(root / "summary.csv", "w", newline="") as f:
+    atomic_write_text(root / "summary.md", text + "\n")
+    with open(root / "summary.csv.tmp", "w", newline="") as f:
         csv.writer(f).writerows(rows)
+    os.replace(root / "summary.csv.tmp", root / "summary.csv")
     series = fewshot_series(runs)
     if series:
         plot_fewshot(series, root / "fewshot.png")
@@ -1351,7 +1364,7 @@ def check_setup(argv=None):
     sweep needs, checked once before its first job: the backbone loads, and every dataset is there
     (downloaded once with --download), its images open and its class text covers its classes."""
     import data
-    parser = argparse.ArgumentParser(prog="python common.py check", description=check_setup.__doc__)
+    parser = OneLineParser(prog="python common.py check", description=check_setup.__doc__)
     parser.add_argument("--datasets", nargs="+", required=True)
     parser.add_argument("--backbone", default="biomedclip")
     parser.add_argument("--root", default="data")

@@ -149,3 +149,18 @@ def test_dataset_names_in_any_case_share_one_run_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "my_folder")
     assert common.run_dir("runs", "m", ".", 4, 1) == common.run_dir("runs", "m", "../my_folder/", 4, 1) \
         == Path("runs/m/my_folder/4shot/seed1")
+
+
+@pytest.mark.parametrize("argv", [["--predict"], ["--lr", "abc"], ["--subsample", "xx"], ["--shots", "many"]])
+def test_a_bad_command_line_is_one_line(argv, capsys):
+    for module in METHODS.values():
+        with pytest.raises(SystemExit) as exit_:
+            common.parse_args(module.Args, argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("error: argument ") and err.count("\n") == 1
+
+
+def test_summarize_refuses_a_folder_that_does_not_exist(tmp_path):
+    with pytest.raises(common.UserError, match="is not a folder"):
+        common.summarize(tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()
