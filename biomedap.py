@@ -586,7 +586,7 @@ def load_run(run_dir, device="cpu", backbone=None):
     ckpt, args = common.load_finished_run(run_dir, Args)
     classnames = ckpt["classnames"]
     backbone = backbone or common.load_backbone(args.backbone, device)
-    text = data.load_class_text(args.dataset, classnames, args.root)
+    text = ckpt["class_text"]  # the run's own: the dataset folder may have moved or changed since
     cfg = resolve(args, args.dataset, backbone, text["ctx_init"])
     if ckpt["epoch"] < cfg["epochs"]:
         raise UserError(f"{run_dir} is unfinished (epoch {ckpt['epoch']} of {cfg['epochs']}): finish it with --resume")
@@ -653,7 +653,7 @@ def main(args):
     if args.predict:
         return common.predict_cli(args, load_run)
     start = time.perf_counter()
-    device, run, ckpt = common.start_run(args, folder_of(args))
+    args, device, run, ckpt = common.start_run(args, folder_of)
     common.seed_everything(args.seed)
     backbone, model, splits, train, text, cfg = setup(args, device)
     loader = make_train_loader(train, backbone, args)
@@ -661,15 +661,16 @@ def main(args):
     print(common.describe_trainable(model, group=("fusion",)), f"{len(train.train)} training images,",
           f"{len(train.classnames)} classes, {len(loader)} steps/epoch; config {cfg}")
     first = common.restore_training_state(ckpt, model, optimizer, scheduler, loader) if ckpt else 1
+    class_text = dict(text, classes={c: text["classes"][c] for c in train.classnames})  # kept for --predict
     setup_s, train_start = time.perf_counter() - start, time.perf_counter()
     last = min(args.stop_after_epoch or cfg["epochs"], cfg["epochs"])
     with run.stop_on_ctrl_c():
         for epoch in range(first, last + 1):
             epoch_start = time.perf_counter()
             stats = train_one_epoch(model, loader, optimizer, scheduler, args, device, cfg["lambda"])
+            common.check_finite(stats, epoch)
             print(common.epoch_line(epoch, cfg["epochs"], stats, time.perf_counter() - epoch_start), flush=True)
-            run.save_checkpoint(common.training_state(model, args, epoch, optimizer, scheduler, loader,
-                                                      train.classnames))
+            run.save_checkpoint(common.training_state(model, args, epoch, optimizer, scheduler, loader, class_text))
     if last < cfg["epochs"]:
         print(f"stopped after epoch {last} (--stop-after-epoch); continue with --resume")
         return None

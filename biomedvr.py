@@ -408,7 +408,7 @@ def load_run(run_dir, device="cpu", backbone=None):
         raise UserError(f"{run_dir} is unfinished (epoch {ckpt['epoch']} of {args.epochs}): finish it with --resume")
     classnames = ckpt["classnames"]
     backbone = backbone or common.load_backbone(args.backbone, device)
-    class_text = data.load_class_text(args.dataset, classnames, args.root)
+    class_text = ckpt["class_text"]  # the run's own: the dataset folder may have moved or changed since
     model = build_model(backbone, class_text, classnames, args, device)
     common.load_trainable(model, ckpt["trainable"])
     S = backbone.image_size
@@ -468,7 +468,7 @@ def main(args):
     if args.predict:
         return common.predict_cli(args, load_run)
     start = time.perf_counter()
-    device, run, ckpt = common.start_run(args, folder_of(args))
+    args, device, run, ckpt = common.start_run(args, folder_of)
     common.seed_everything(args.seed)
     backbone, model, train, evals = setup(args, device)
     loader = make_train_loader(train, backbone.image_size, args)
@@ -477,6 +477,7 @@ def main(args):
           f"{len(train.classnames)} classes, {len(loader)} steps/epoch")
     first = common.restore_training_state(ckpt, model, optimizer, scheduler, loader) if ckpt else 1
     history = ckpt["history"] if ckpt else []  # --eval-every: test accuracy after epoch e
+    class_text = data.load_class_text(args.dataset, train.classnames, args.root)  # kept for --predict
     eval_loaders = make_eval_loaders(evals, backbone.image_size, args)
     setup_s, train_start = time.perf_counter() - start, time.perf_counter()
     last = min(args.stop_after_epoch or args.epochs, args.epochs)
@@ -490,9 +491,10 @@ def main(args):
                 accuracy = evaluate(model, eval_loaders[next(iter(eval_loaders))], args, device)["accuracy"]
                 history.append({"epoch": epoch, "test_accuracy": accuracy})
                 extra += f" test_acc {accuracy:.2f}"
+            common.check_finite(stats, epoch)
             print(common.epoch_line(epoch, args.epochs, stats, time.perf_counter() - epoch_start, extra), flush=True)
             run.save_checkpoint(common.training_state(model, args, epoch, optimizer, scheduler, loader,
-                                                      train.classnames, history))
+                                                      class_text, history))
     if last < args.epochs:
         print(f"stopped after epoch {last} (--stop-after-epoch); continue with --resume")
         return None

@@ -232,7 +232,8 @@ def _load_local_dir(folder: Path):
     try:
         config = json.loads(cfg_path.read_text())
         model_cfg, pre = config["model_cfg"], config.get("preprocess_cfg", {})
-    except (ValueError, KeyError) as e:
+        assert isinstance(model_cfg, dict) and isinstance(pre, dict), "model_cfg and preprocess_cfg must be objects"
+    except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as e:
         raise UserError(f"{cfg_path} is not a valid open_clip config ({e})") from None
     text_cfg = model_cfg.get("text_cfg", {})
     if "hf_model_name" in text_cfg:
@@ -240,11 +241,15 @@ def _load_local_dir(folder: Path):
             raise UserError(f"{folder} needs the text model's config.json and vocab.txt for an offline "
                             f"load (from the hub repository {text_cfg['hf_model_name']})")
         text_cfg.update(hf_model_name=str(folder), hf_tokenizer_name=str(folder), hf_model_pretrained=False)
-        model = open_clip.model.CustomTextCLIP(**model_cfg)
-        tokenizer = open_clip.tokenizer.HFTokenizer(str(folder), context_length=text_cfg.get("context_length", 77))
-    else:
-        model = open_clip.model.CLIP(**model_cfg)
-        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
+    try:
+        if "hf_model_name" in text_cfg:
+            model = open_clip.model.CustomTextCLIP(**model_cfg)
+            tokenizer = open_clip.tokenizer.HFTokenizer(str(folder), context_length=text_cfg.get("context_length", 77))
+        else:
+            model = open_clip.model.CLIP(**model_cfg)
+            tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
+    except Exception as e:  # a config of the wrong shape: open_clip raises whatever its constructors raise
+        raise UserError(f"{cfg_path} does not describe an open_clip model ({type(e).__name__}: {one_line(e)})") from None
     try:
         open_clip.load_checkpoint(model, str(ckpt), weights_only=True)
     except Exception as e:
@@ -503,6 +508,22 @@ def run_dir(out: str, method: str, dataset: str, shots: int, seed: int, subsampl
             / f"seed{seed}")
 
 
+def _lock_folder(path: Path):
+    """An exclusive lock on a run folder for this process's life, kept outside it (in the temporary
+    folder) so that a run that fails to start leaves nothing behind."""
+    import fcntl
+    import hashlib
+    name = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
+    handle = open(Path(tempfile.gettempdir()) / f"medvl-run-{name}.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise UserError(f"another run is writing to {path} right now: wait for it, or pass --out to "
+                        f"write elsewhere") from None
+    return handle
+
+
 class RunFolder:
     """A run's folder. It appears with the run's first checkpoint, so a run that fails to start
     leaves nothing behind. With --overwrite the new run writes into a sibling staging folder that
@@ -521,6 +542,7 @@ class RunFolder:
         if resume and overwrite:
             raise UserError("--resume and --overwrite contradict each other: pass one of them")
         self.path = path
+        self._lock = _lock_folder(path)
         self.staging = path.with_name(path.name + ".overwrite") if overwrite and path.exists() else None
         if self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)  # left by a restart that failed: never a result
@@ -580,15 +602,21 @@ def check_resume(saved_args: dict, args) -> None:
                         f"use the run's settings or --overwrite")
 
 
-def start_run(args, folder: Path):
+def start_run(args, folder_of):
     """What a training run checks before anything is loaded: the shared arguments, the device and
-    precision, the run folder (never clobbered), and with --resume the checkpoint and its
-    settings. Returns (device, RunFolder, checkpoint or None)."""
+    precision, the run folder `folder_of(args)` (never clobbered), and with --resume the checkpoint
+    and its settings. A folder dataset is recorded by its absolute path. Returns (args, device,
+    RunFolder, checkpoint or None)."""
+    import data
+    args = dataclasses.replace(args, dataset=data.dataset_arg(args.dataset))
+    folder = folder_of(args)
     validate_args(args)
+    if getattr(args, "predictions", ""):
+        raise UserError("--predictions names the CSV of --predict RUN_DIR IMAGES...: give --predict too")
     device = resolve_device(args.device)
     autocast(args.precision, device)  # refuses bf16 without CUDA
     run = prepare_run_dir(folder, args.overwrite, args.resume)
-    return device, run, resume_checkpoint(run, args) if args.resume else None
+    return args, device, run, resume_checkpoint(run, args) if args.resume else None
 
 
 def trainable_state(model) -> dict:
@@ -606,13 +634,14 @@ def load_trainable(model, state: dict):
             p.copy_(state[name])
 
 
-def training_state(model, args, epoch, optimizer, scheduler, loader, classnames, history=()) -> dict:
+def training_state(model, args, epoch, optimizer, scheduler, loader, class_text, history=()) -> dict:
     """The checkpoint both methods write after every epoch: all that --resume needs to continue
-    with exactly the numbers of an uninterrupted run (weights_only loadable)."""
+    with exactly the numbers of an uninterrupted run, and the class names and class text that
+    --predict needs (weights_only loadable)."""
     return {"trainable": trainable_state(model), "args": dataclasses.asdict(args), "epoch": epoch,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
             "loader_generator": loader.generator.get_state(), "history": list(history),
-            "classnames": list(classnames)}
+            "classnames": list(class_text["classes"]), "class_text": class_text}
 
 
 def resume_checkpoint(run: "RunFolder", args) -> dict:
@@ -662,6 +691,13 @@ def summary_line(metrics: dict) -> str:
     return text
 
 
+def check_finite(terms: dict, epoch: int):
+    """Stop a run whose loss is no longer a number (the checkpoint of the last epoch is kept)."""
+    if not math.isfinite(terms["loss"]):
+        raise UserError(f"the loss became {terms['loss']} in epoch {epoch}: lower --lr (the checkpoint of "
+                        f"the previous epoch, if any, is kept)")
+
+
 def epoch_line(epoch: int, epochs: int, stats: dict, seconds: float, extra: str = "") -> str:
     """The line both methods print after each epoch: the epoch, each loss term, the training
     accuracy, the learning rate of the epoch's last step, the method's extras, the seconds."""
@@ -678,6 +714,7 @@ EVAL_OPTIONS = ("root", "download", "device", "precision", "workers", "test_batc
 
 def eval_only_args(cli, args_cls):
     """(checkpoint, arguments to evaluate with, the evaluation options this command line changed)."""
+    validate_args(cli)
     ckpt, args = load_finished_run(cli.eval_only, args_cls)
     defaults = args_cls()
     given = {k: getattr(cli, k) for k in EVAL_OPTIONS
@@ -697,22 +734,38 @@ def write_eval_only(folder, args, metrics: dict, eval_s: float, given: dict, ext
     return record
 
 
-# The shared numeric arguments and their smallest allowed value (None: the method's default).
+# The whole-number arguments and their smallest allowed value (None: the method's default).
 MINIMUM = {"shots": 1, "epochs": 1, "batch_size": 1, "test_batch_size": 1, "seed": 0, "workers": 0,
-           "stop_after_epoch": 0, "eval_every": 0}
+           "stop_after_epoch": 0, "eval_every": 0, "n_ctx": 1, "n_prompts": 1, "prompt_tokens": 1,
+           "fusion_heads": 1, "num_attr": 1, "topk": 1, "min_chars": 0}
+# The real-number arguments and their allowed interval: (low, high, low included).
+INTERVAL = {"lr": (0, math.inf, False), "warmup_lr": (0, math.inf, False), "momentum": (0, 1, True),
+            "weight_decay": (0, math.inf, True), "fusion_dropout": (0, 1, True), "alpha": (0, math.inf, True),
+            "beta": (0, math.inf, True), "lambda_high": (0, math.inf, True), "lambda_kl": (0, math.inf, True),
+            "lambda_low": (0, math.inf, True), "lambda_align": (0, math.inf, True)}
 
 
 def validate_args(args) -> None:
-    """Check the shared arguments before anything is loaded, the same way in both methods."""
+    """Check the arguments before anything is loaded, the same way in both methods: whole numbers
+    in range, every real number finite (a NaN would train to chance without a word)."""
     for name, low in MINIMUM.items():
         value = getattr(args, name, None)
         if value is not None and (type(value) is not int or value < low):
             raise UserError(f"--{name.replace('_', '-')} must be a whole number >= {low}, not {value}")
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, not {value}")
+        if f.name in INTERVAL and value is not None:
+            low, high, closed = INTERVAL[f.name]
+            if not (low <= value < high if closed else low < value < high):
+                raise UserError(f"--{f.name.replace('_', '-')} must be in {'[' if closed else '('}{low}, {high}), "
+                                f"not {value}")
 
 
 # What evaluation, prediction and summaries need from a finished run: the optimiser and random
 # states are dropped when a run ends (for BiomedAP they double the folder's size).
-FINISHED_CHECKPOINT_KEYS = ("trainable", "args", "epoch", "history", "classnames")
+FINISHED_CHECKPOINT_KEYS = ("trainable", "args", "epoch", "history", "classnames", "class_text")
 
 
 def finish_checkpoint(path: Path):
@@ -959,8 +1012,10 @@ def _collect(root: Path):
             continue
         try:
             metrics = json.loads(path.read_text())["metrics"]
-        except (ValueError, KeyError):
-            print(f"skipping unreadable {path}", file=sys.stderr)
+            blocks = ("test",) if key[4] != "base2novel" else ("base", "novel")
+            assert all(isinstance(metrics[b]["accuracy"], (int, float)) for b in blocks)
+        except (ValueError, KeyError, TypeError, IndexError, AssertionError):
+            print(f"skipping {path}: not a readable metrics.json", file=sys.stderr)
             continue
         runs.setdefault(key[:5], {})[key[5]] = metrics
     return runs
@@ -1302,7 +1357,7 @@ def load_finished_run(run_dir, args_cls):
     if "args" not in ckpt or foreign:
         raise UserError(f"{run_dir} was not written by this method (its arguments include "
                         f"{', '.join(foreign) or 'nothing'}): use the other method's script")
-    if "classnames" not in ckpt:
+    if "classnames" not in ckpt or "class_text" not in ckpt:
         raise UserError(f"{run_dir} holds no class names (written by an older version): train it again")
     return ckpt, args_cls(**{k: v for k, v in ckpt["args"].items() if k in names})
 
@@ -1329,6 +1384,9 @@ def predict_cli(args, load_run, batch_size: int = 32):
     """`--predict RUN_DIR IMAGE_OR_FOLDER...`: the top 3 classes of each image, printed, and with
     `--predictions FILE.csv` one row per image (path, predicted class, every class's probability,
     the method's extras), written atomically."""
+    validate_args(args)
+    if args.predictions and Path(args.predictions).is_dir():
+        raise UserError(f"--predictions {args.predictions} is a folder: give a file name, e.g. predictions.csv")
     if len(args.predict) < 2:
         raise UserError("--predict needs the run folder and then at least one image or folder: "
                         "--predict RUN_DIR IMAGE_OR_FOLDER...")
@@ -1360,21 +1418,25 @@ def predict_cli(args, load_run, batch_size: int = 32):
 
 # --------------------------------------------------------------------------- setup check
 def check_setup(argv=None):
-    """`python common.py check --datasets A B [--backbone NAME] [--root DIR] [--download]`: what a
-    sweep needs, checked once before its first job: the backbone loads, and every dataset is there
-    (downloaded once with --download), its images open and its class text covers its classes."""
+    """`python common.py check --datasets A B [--method biomedap|biomedvr|zeroshot] FLAGS...`: what
+    a sweep needs, checked once before its first job: the FLAGS every job will get parse and are
+    valid for the method, the backbone loads, and every dataset is there (downloaded once with
+    --download), its images open and its class text covers its classes."""
+    import importlib
+
     import data
     parser = OneLineParser(prog="python common.py check", description=check_setup.__doc__)
     parser.add_argument("--datasets", nargs="+", required=True)
-    parser.add_argument("--backbone", default="biomedclip")
-    parser.add_argument("--root", default="data")
-    parser.add_argument("--download", action="store_true")
-    args = parser.parse_args(argv)
-    load_backbone(args.backbone, "cpu")
+    parser.add_argument("--method", choices=["biomedap", "biomedvr", "zeroshot"], default="zeroshot")
+    args, flags = parser.parse_known_args(argv)
+    args_cls = ZeroShotArgs if args.method == "zeroshot" else importlib.import_module(args.method).Args
+    run_args = parse_args(args_cls, flags + ["--dataset", args.datasets[0]])
+    validate_args(run_args)
+    load_backbone(run_args.backbone, "cpu")
     for name in args.datasets:
-        splits = data.load_splits(name, args.root, args.download)
-        data.load_class_text(name, splits.classnames, args.root)
-    print(f"setup ok: backbone {args.backbone}, datasets {' '.join(args.datasets)}", file=sys.stderr)
+        splits = data.load_splits(name, run_args.root, run_args.download)
+        data.load_class_text(name, splits.classnames, run_args.root)
+    print(f"setup ok: backbone {run_args.backbone}, datasets {' '.join(args.datasets)}", file=sys.stderr)
 
 
 def cli(argv):
@@ -1390,12 +1452,15 @@ def cli(argv):
         else:
             print("usage: python common.py summarize [RUNS_DIR]\n"
                   "       python common.py zeroshot --dataset DATASET [--backbone ...] (--help for all)\n"
-                  "       python common.py check --datasets A B [--backbone NAME] [--root DIR] [--download]",
+                  "       python common.py check --datasets A B [--method M] [FLAGS of the method...]",
                   file=sys.stderr)
             sys.exit(2)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

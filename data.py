@@ -215,6 +215,15 @@ def check_images_open(items, source) -> None:
 
 # ---------------------------------------------------------------- loading a dataset
 
+def dataset_arg(dataset: str) -> str:
+    """The --dataset value a run records: a benchmark's registry name, or a folder's absolute path
+    (so evaluation and prediction later find the same folder from anywhere)."""
+    dataset = str(dataset)
+    if dataset.lower() == "synthetic" or dataset.lower() in DATASETS:
+        return dataset.lower()
+    return str(Path(dataset).resolve()) if Path(dataset).is_dir() else dataset
+
+
 def dataset_key(dataset: str) -> str:
     """The one name of a dataset, for run folders and summaries.
 
@@ -275,6 +284,9 @@ def _folder_splits(folder, seed):
     else:
         source, parts = folder, _stratified_split(folder, seed)
     splits = Splits(**parts, classnames=_classnames(sum(parts.values(), [])), name=dataset_key(str(folder)))
+    if len(splits.classnames) < 2:
+        raise UserError(f"{source} has {len(splits.classnames)} class ({', '.join(splits.classnames)}): "
+                        f"classification needs at least 2 classes, each in its own sub-folder")
     check_every_class_trains(splits, source)
     check_images_open(sum(parts.values(), []), source)
     return splits
@@ -537,7 +549,14 @@ def open_dicom(path: str) -> Image.Image:
 
     syntax = None
     try:
-        ds = pydicom.dcmread(path)
+        try:
+            ds = pydicom.dcmread(path)
+        except pydicom.errors.InvalidDicomError:  # no 128-byte preamble: older files often lack it
+            ds = pydicom.dcmread(path, force=True)
+            if "TransferSyntaxUID" not in ds.file_meta:  # then the standard's default encoding
+                ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+        if "PixelData" not in ds:
+            raise UserError(f"DICOM file {path} holds no image (no Pixel Data element): leave it out")
         syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
         pixels = ds.pixel_array
         return _dicom_to_rgb(ds, pixels, path)

@@ -65,13 +65,19 @@ method_dir() {  # where a method's runs go: [<backbone>/]biomedap[-official] or 
   echo "$(backbone_dir)$m"
 }
 
-JOBS=(); DATASETS_USED=()
+JOBS=(); DATASETS_USED=(); METHOD_USED=zeroshot
+
+dataset_key() {  # the dataset's folder name in runs/, as data.dataset_key: a benchmark in lower case,
+  local lower=${1,,}  # your own folder by its own name
+  if [[ " $ALL_DATASETS synthetic " == *" $lower "* || ! -d $1 ]]; then echo "$lower"
+  else basename "$(cd "$1" && pwd -P)"; fi
+}
 quoted() { local out; printf -v out '%q ' "$@"; echo "${out% }"; }  # one shell-safe line
 add_job() {  # METHOD DATASET SHOTS SEED PROTOCOL(fewshot|base2novel|robustness)
   local m=$1 d=$2 k=$3 s=$4 p=$5 sub="" flags=()
   [[ $p == base2novel ]] && { sub="_base2novel"; flags+=(--subsample base); }
   [[ $p == robustness ]] && flags+=(--robustness)
-  local dir="$OUT/$(method_dir "$m")/$d/${k}shot$sub/seed$s"
+  local dir="$OUT/$(method_dir "$m")/$(dataset_key "$d")/${k}shot$sub/seed$s"
   [[ " ${DATASETS_USED[*]-} " == *" $d "* ]] || DATASETS_USED+=("$d")
   if [[ -f $dir/metrics.json ]]; then
     # a robustness job needs the robustness block; a plain finished run is re-evaluated for it
@@ -87,17 +93,12 @@ sweep() {  # METHOD PROTOCOL DATASETS SHOTS SEEDS
   local m=$1 p=$2
   [[ $m == biomedap || $m == biomedvr ]] || { echo "error: METHOD must be biomedap or biomedvr, not '$m'" >&2; exit 2; }
   [[ $p == robustness && $m != biomedap ]] && { echo "error: robustness is a BiomedAP evaluation" >&2; exit 2; }
+  METHOD_USED=$m
   for d in $3; do for k in $4; do for s in $5; do add_job "$m" "$d" "$k" "$s" "$p"; done; done; done
 }
 
-preflight() {  # once, before any job: the backbone loads and every dataset is there (or downloads once)
-  local flags=() prev="" a
-  for a in "${EXTRA[@]+"${EXTRA[@]}"}"; do
-    case "$prev" in --backbone|--root) flags+=("$prev" "$a") ;; esac
-    case "$a" in --backbone=*|--root=*|--download) flags+=("$a") ;; esac
-    prev=$a
-  done
-  if ! $PYTHON common.py check --datasets "${DATASETS_USED[@]}" "${flags[@]+"${flags[@]}"}"; then
+preflight() {  # once, before any job: the flags parse, the backbone loads, every dataset is there
+  if ! $PYTHON common.py check --datasets "${DATASETS_USED[@]}" --method "$METHOD_USED" "${EXTRA[@]+"${EXTRA[@]}"}"; then
     echo "the sweep did not start: fix the setup error above, then run it again" >&2; exit 2
   fi
 }
@@ -160,10 +161,13 @@ case "$CMD" in
     run_jobs ;;
   zeroshot)  # the frozen backbone's zero-shot accuracy, the K=0 column of the summary
     for d in $(pick "${POS[1]:-}" "$ALL_DATASETS"); do
-      [[ -f $OUT/$(backbone_dir)zeroshot/$d/seed1/metrics.json ]] && continue
+      [[ " ${DATASETS_USED[*]-} " == *" $d "* ]] || DATASETS_USED+=("$d")
+      [[ -f $OUT/$(backbone_dir)zeroshot/$(dataset_key "$d")/seed1/metrics.json ]] && continue
       JOBS+=("$(quoted $PYTHON common.py zeroshot --dataset "$d" --out "$OUT" "${EXTRA[@]+"${EXTRA[@]}"}")")
     done
     run_jobs ;;
   summarize) $PYTHON common.py summarize "${POS[1]:-$OUT}" ;;
-  *) usage ;;
+  "") usage ;;
+  *) echo "error: unknown command '$CMD': use smoke, fewshot, base2novel, robustness, tables, zeroshot or summarize" >&2
+     exit 2 ;;
 esac

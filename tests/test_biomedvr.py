@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
-from tqdm import tqdm
 
 import biomedvr as bv
 import common
@@ -330,7 +329,7 @@ def test_cli_writes_metrics_refuses_to_clobber_and_evaluates_only(tmp_path, caps
     assert record["args"]["backbone"] == "tiny" and record["trainable_parameters"] == 2 * 3 * 32 * 32 + 2
     ckpt = common.load_checkpoint(folder)
     assert set(ckpt["trainable"]) == {"delta_plus", "delta_minus", "gate"}
-    assert set(ckpt) == {"trainable", "args", "epoch", "history", "classnames"}  # finished: no optimiser, no RNG
+    assert set(ckpt) == {"trainable", "args", "epoch", "history", "classnames", "class_text"}  # finished: no optimiser, no RNG
     with pytest.raises(UserError, match="already holds a finished run"):
         bv.main(common.parse_args(bv.Args, argv))
     with pytest.raises(SystemExit) as exit_:

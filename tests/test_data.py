@@ -714,3 +714,22 @@ def test_validate_class_text_rejects_each_problem(change, message):
     with pytest.raises(UserError, match=message) as error:
         data.validate_class_text(text, "mine.json")
     assert "mine.json" in str(error.value)
+
+
+def test_dicom_without_the_file_preamble_is_read(tmp_path):
+    """Older DICOM files hold only the data set (no preamble, no 'DICM', no file meta): read them in
+    the standard's default encoding; a DICOM file without pixel data is named as such."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, True
+    write_dataset(body, ds)
+    (tmp_path / "bare.dcm").write_bytes(body.getvalue())
+    bare, full = data.open_image(tmp_path / "bare.dcm"), data.open_image(get_testdata_file("CT_small.dcm"))
+    assert np.array_equal(np.asarray(bare), np.asarray(full))
+    with pytest.raises(UserError, match="holds no image"):
+        data.open_image(get_testdata_file("no_meta.dcm"))

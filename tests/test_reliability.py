@@ -14,6 +14,7 @@ import pytest
 import biomedap
 import biomedvr
 import common
+from common import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {"biomedap": biomedap, "biomedvr": biomedvr}
@@ -164,3 +165,77 @@ def test_summarize_refuses_a_folder_that_does_not_exist(tmp_path):
     with pytest.raises(common.UserError, match="is not a folder"):
         common.summarize(tmp_path / "missing")
     assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("name,bad,message", [
+    ("biomedap", ["--lr", "nan"], "finite"), ("biomedap", ["--alpha", "nan"], "finite"),
+    ("biomedap", ["--lr", "-1"], "--lr must be in"), ("biomedap", ["--fusion-dropout", "2"], "--fusion-dropout"),
+    ("biomedap", ["--n-prompts", "0"], "--n-prompts"), ("biomedap", ["--fusion-heads", "0"], "--fusion-heads"),
+    ("biomedvr", ["--gate-init", "inf"], "finite"), ("biomedvr", ["--lr", "nan"], "finite"),
+    ("biomedvr", ["--predictions", "x.csv"], "give --predict too")])
+def test_settings_that_cannot_train_are_refused_before_loading(name, bad, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(common, "load_backbone", lambda *a, **k: pytest.fail("loaded a backbone"))
+    assert cli(METHODS[name], TINY + ["--out", str(tmp_path)] + bad)[1] == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
+    first = common.prepare_run_dir(tmp_path / "run", overwrite=False, resume=False)
+    with pytest.raises(UserError, match="another run is writing to"):
+        common.prepare_run_dir(tmp_path / "run", overwrite=False, resume=False)
+    del first
+    import gc
+    gc.collect()  # the lock goes with its process (here: with the object)
+    common.prepare_run_dir(tmp_path / "run", overwrite=False, resume=False)
+
+
+def test_predict_uses_the_runs_own_class_text_and_path(tmp_path, capsys):
+    import shutil
+    import data
+    folder = tmp_path / "shapes"
+    for label, cls in enumerate(list(data.SYNTHETIC_LOOKS)[:2]):
+        (folder / cls).mkdir(parents=True)
+        for i in range(5):
+            data.draw_synthetic(f"synthetic:p:{4 * i + label}:40").save(folder / cls / f"{i}.png")
+    text = data.synthetic_class_text()
+    (folder / "prompts.json").write_text(__import__("json").dumps(text))
+    os.chdir(folder)
+    try:
+        cli(biomedvr, ["--dataset", ".", *TINY[2:], "--out", str(tmp_path / "runs")])
+    finally:
+        os.chdir(REPO)
+    run_dir = common.run_dir(str(tmp_path / "runs"), "biomedvr", str(folder), 2, 1, backbone="tiny")
+    assert common.load_checkpoint(run_dir)["args"]["dataset"] == str(folder.resolve())
+    image = tmp_path / "one.png"
+    shutil.copy(folder / "red disc" / "0.png", image)
+    before = cli(biomedvr, ["--predict", str(run_dir), str(image), "--device", "cpu"])[1]
+    shutil.rmtree(folder)  # the dataset is gone: the run still predicts, the same way
+    after = cli(biomedvr, ["--predict", str(run_dir), str(image), "--device", "cpu"])[1]
+    assert before == after and len(after) == 1
+
+
+def test_a_folder_with_one_class_is_refused(tmp_path):
+    import data
+    (tmp_path / "only").mkdir()
+    for i in range(4):
+        data.draw_synthetic(f"synthetic:o:{4 * i}:16").save(tmp_path / "only" / f"{i}.png")
+    with pytest.raises(UserError, match="at least 2 classes"):
+        data.load_splits(str(tmp_path))
+
+
+def test_predictions_into_a_folder_and_wrong_shaped_summaries(tmp_path, capsys):
+    args = biomedvr.Args(predict=[str(tmp_path), "x.png"], predictions=str(tmp_path))
+    with pytest.raises(UserError, match="is a folder"):
+        common.predict_cli(args, biomedvr.load_run)
+    for i, content in enumerate(([1, 2], {"args": {}, "metrics": {}}, {"metrics": {"test": {"accuracy": 50.0}}})):
+        common.atomic_write_json(tmp_path / "m" / "busi" / "4shot" / f"seed{i + 1}" / "metrics.json", content)
+    text = common.summarize(tmp_path)
+    assert "50.00 ± 0.00 (1)" in text and capsys.readouterr().err.count("not a readable metrics.json") == 2
+
+
+def test_local_dir_with_a_config_of_the_wrong_shape_is_one_line(tmp_path):
+    (tmp_path / "open_clip_config.json").write_text('{"model_cfg": {"embed_dim": "x"}}')
+    (tmp_path / "open_clip_pytorch_model.bin").write_bytes(b"junk")
+    with pytest.raises(UserError, match="does not describe an open_clip model"):
+        common.load_backbone(f"local-dir:{tmp_path}")

@@ -142,3 +142,16 @@ def test_sweeps_keep_backbones_and_variants_apart(tmp_path):
     common.atomic_write_json(tmp_path / "biomedvr-fused" / "btmri" / "16shot" / "seed1" / "metrics.json", {})
     table = [parse_job(line)[1] for line in run_sh("tables", "biomedvr", "--dry-run", env=env)]
     assert ("btmri", 1) not in {(a.dataset, a.seed) for a in table} and len(table) == 32
+
+
+def test_sweeps_skip_finished_runs_of_your_own_folder(tmp_path):
+    """run.sh looks for your folder's runs where the methods write them: under the folder's own name."""
+    own = tmp_path / "data" / "My_Scans"
+    own.mkdir(parents=True)
+    env = {"OUT": str(tmp_path / "runs")}
+    assert len(run_sh("fewshot", "biomedvr", str(own), "2", "1", "--dry-run", env=env)) == 1
+    common.atomic_write_json(common.run_dir(str(tmp_path / "runs"), "biomedvr", str(own), 2, 1) / "metrics.json", {})
+    assert run_sh("fewshot", "biomedvr", str(own), "2", "1", "--dry-run", env=env) == []
+    assert run_sh("fewshot", "biomedvr", "BTMRI", "2", "1", "--dry-run", env=env) != []
+    common.atomic_write_json(common.run_dir(str(tmp_path / "runs"), "biomedvr", "BTMRI", 2, 1) / "metrics.json", {})
+    assert run_sh("fewshot", "biomedvr", "BTMRI", "2", "1", "--dry-run", env=env) == []
