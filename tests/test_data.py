@@ -6,7 +6,6 @@ import random
 import shutil
 import stat
 import threading
-import time
 import zipfile
 from collections import defaultdict
 
