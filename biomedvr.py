@@ -295,12 +295,12 @@ def make_optimizer(model, args, steps_per_epoch):
 
 
 def setup(args, device):
-    """The frozen backbone, the model for the training classes, the data."""
+    """The frozen backbone, the model for the training classes, the data, the class text."""
     backbone = common.load_backbone(args.backbone, device)
     train, evals = load_data(args, backbone.image_size)
     class_text = data.load_class_text(args.dataset, train.classnames, args.root)
     model = build_model(backbone, class_text, train.classnames, args, device)
-    return backbone, model, train, evals
+    return backbone, model, train, evals, class_text
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, args, device):
@@ -389,7 +389,7 @@ def eval_only(cli):
                         f"finish it with --resume")
     device = common.resolve_device(args.device)
     common.seed_everything(args.seed)
-    backbone, model, train, evals = setup(args, device)
+    backbone, model, train, evals, _ = setup(args, device)
     common.load_trainable(model, ckpt["trainable"])
     start = time.perf_counter()
     metrics = evaluate_all(model, backbone, evals, make_eval_loaders(evals, backbone.image_size, args), args, device)
@@ -470,14 +470,13 @@ def main(args):
     start = time.perf_counter()
     args, device, run, ckpt = common.start_run(args, folder_of)
     common.seed_everything(args.seed)
-    backbone, model, train, evals = setup(args, device)
+    backbone, model, train, evals, class_text = setup(args, device)  # class text kept for --predict
     loader = make_train_loader(train, backbone.image_size, args)
     optimizer, scheduler = make_optimizer(model, args, len(loader))
     print(common.describe_trainable(model), f"{len(train.train)} training images,",
           f"{len(train.classnames)} classes, {len(loader)} steps/epoch")
     first = common.restore_training_state(ckpt, model, optimizer, scheduler, loader) if ckpt else 1
     history = ckpt["history"] if ckpt else []  # --eval-every: test accuracy after epoch e
-    class_text = data.load_class_text(args.dataset, train.classnames, args.root)  # kept for --predict
     eval_loaders = make_eval_loaders(evals, backbone.image_size, args)
     setup_s, train_start = time.perf_counter() - start, time.perf_counter()
     last = min(args.stop_after_epoch or args.epochs, args.epochs)
