@@ -73,7 +73,9 @@ from tqdm import tqdm
 
 import common
 import data
-from common import UserError, arg, list_arg
+import runner
+from common import UserError
+from runner import arg, list_arg
 
 # Official per-dataset configuration (configs/trainers/BiomedAP/*): n_ctx, few-shot and
 # base-to-novel (lambda_high, lambda_kl, lambda_low). Hyper-parameters, not code.
@@ -100,52 +102,70 @@ REFERENCE_DEPTH, REFERENCE_FUSION = 12, (5, 8)  # the paper's blocks 5 and 8 of 
 @dataclass
 class Args:
     dataset: str = arg("btmri", "benchmark name (btmri, busi, ...), synthetic, or your own folder of class sub-folders")
-    root: str = arg("data", "folder holding the benchmark datasets")
-    download: bool = arg(False, "fetch a missing benchmark dataset from the Hugging Face hub")
-    shots: int = arg(16, "K labelled training images per class")
-    seed: int = arg(1, "seed of the few-shot subset, the initialisation and the data order")
+    root: str = arg("data", "folder holding the benchmark datasets", metavar="DIR", resume_may_differ=True,
+                    eval_option=True)
+    download: bool = arg(False, "fetch a missing benchmark dataset from the Hugging Face hub",
+                         resume_may_differ=True, eval_option=True)
+    shots: int = arg(16, "K labelled training images per class", at_least=1)
+    seed: int = arg(1, "seed of the few-shot subset, the initialisation and the data order", at_least=0)
     subsample: str = arg("all", "all: few-shot on every class; base: train on base classes, test base and novel",
                          ["all", "base"])
     backbone: str = arg("biomedclip", "frozen backbone: biomedclip, clip, hf-hub:ORG/REPO, local-dir:PATH, tiny, ...")
     # the method (official configs/trainers/BiomedAP defaults)
     variant: str = arg("paper", "paper: the method as published; official: the released code's behaviour",
                        ["paper", "official"])
-    n_ctx: int = arg(None, "M learned context tokens; none: official per-dataset value, else all ctx_init tokens")
-    n_prompts: int = arg(None, "expert descriptions per class in the high anchor; none: 40 few-shot, 50 b2n")
-    prompt_tokens: int = arg(4, "P visual prompt tokens (official 4)")
-    fusion_layers: list = list_arg(int, "blocks that get the gated fusion (0-based); empty: 5 and 8 of 12, "
-                                        "scaled to the depth")
-    fusion_heads: int = arg(8, "heads of the fusion cross-attention (official 8)")
-    fusion_dropout: float = arg(0.1, "dropout in the fusion attention and feed-forward (official 0.1)")
-    lambda_high: float = arg(None, "weight of L1 to the high anchor; none: official per-dataset table")
-    lambda_kl: float = arg(None, "weight of KL to the anchor logits; none: official per-dataset table")
-    lambda_low: float = arg(None, "weight of L1 to the low anchor; none: official per-dataset table")
-    lambda_align: float = arg(None, "weight of the fusion alignment loss; none: official 0.1")
-    alpha: float = arg(1.0, "confidence-aware weight w = 1 + alpha * normalised entropy (paper variant)")
+    n_ctx: int = arg(None, "M learned context tokens; none: official per-dataset value, else all ctx_init tokens",
+                     at_least=1)
+    n_prompts: int = arg(None, "expert descriptions per class in the high anchor; none: 40 few-shot, 50 b2n",
+                         at_least=1)
+    prompt_tokens: int = arg(4, "P visual prompt tokens (official 4)", at_least=1)
+    fusion_layers: list = list_arg(int, "blocks that get the gated fusion (0-based); none given: 5 and 8 of 12, "
+                                        "scaled to the depth", metavar="BLOCK")
+    fusion_heads: int = arg(8, "heads of the fusion cross-attention (official 8)", at_least=1)
+    fusion_dropout: float = arg(0.1, "dropout in the fusion attention and feed-forward (official 0.1)",
+                                at_least=0, below=1)
+    lambda_high: float = arg(None, "weight of L1 to the high anchor; none: official per-dataset table", at_least=0)
+    lambda_kl: float = arg(None, "weight of KL to the anchor logits; none: official per-dataset table", at_least=0)
+    lambda_low: float = arg(None, "weight of L1 to the low anchor; none: official per-dataset table", at_least=0)
+    lambda_align: float = arg(None, "weight of the fusion alignment loss; none: official 0.1", at_least=0)
+    alpha: float = arg(1.0, "confidence-aware weight w = 1 + alpha * normalised entropy (paper variant)",
+                       at_least=0)
     # optimisation
-    epochs: int = arg(None, "training epochs; none: official 100 few-shot, 50 base-to-novel")
-    batch_size: int = arg(4, "training batch size (official 4)")
-    lr: float = arg(0.0025, "SGD learning rate, cosine per epoch (official)")
-    warmup_lr: float = arg(1e-5, "constant learning rate of the one warm-up epoch (official)")
-    momentum: float = arg(0.9, "SGD momentum (official)")
-    weight_decay: float = arg(5e-4, "SGD weight decay (official)")
+    epochs: int = arg(None, "training epochs; none: official 100 few-shot, 50 base-to-novel", at_least=1)
+    batch_size: int = arg(4, "training batch size (official 4)", at_least=1)
+    lr: float = arg(0.0025, "SGD learning rate, cosine per epoch (official)", above=0)
+    warmup_lr: float = arg(1e-5, "constant learning rate of the one warm-up epoch (official)", above=0)
+    momentum: float = arg(0.9, "SGD momentum (official)", at_least=0, below=1)
+    weight_decay: float = arg(5e-4, "SGD weight decay (official)", at_least=0)
     # evaluation
-    test_batch_size: int = arg(100, "evaluation batch size (official 100)")
-    infer_context: str = arg("mean", "text context the fusion sees at test time", ["mean", "per-class"])
-    robustness: bool = arg(False, "also evaluate under prompt perturbations (see the docstring)")
+    test_batch_size: int = arg(100, "evaluation batch size (official 100)", at_least=1, resume_may_differ=True,
+                               eval_option=True)
+    infer_context: str = arg("mean", "text context the fusion sees at test time", ["mean", "per-class"],
+                             resume_may_differ=True, eval_option=True)
+    robustness: bool = arg(False, "also evaluate under prompt perturbations (see the docstring)",
+                           resume_may_differ=True, eval_option=True)
     # running
-    eval_only: str = arg("", "RUN_DIR: evaluate a finished run (evaluation flags given here win); rewrite metrics.json")
-    predict: list = list_arg(str, "RUN_DIR IMAGE_OR_FOLDER...: classify new images with a finished run "
-                                  "(top 3 classes per image)", nargs="+")
-    predictions: str = arg("", "with --predict: also write one CSV row per image to this file")
-    resume: bool = arg(False, "continue an interrupted run from its checkpoint")
-    overwrite: bool = arg(False, "replace the run in its folder (the old one stays until the new one has a checkpoint)")
-    stop_after_epoch: int = arg(0, "testing: stop after this epoch, leaving only the checkpoint", hidden=True)
-    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
-    precision: str = arg("fp32", "fp32, or bf16 autocast on CUDA", ["fp32", "bf16"])
-    workers: int = arg(4, "data loader processes (augmentations depend on the count: keep it fixed to repeat a run)")
-    benchmark: bool = arg(False, "time a training step and evaluation against the bare frozen towers; print JSON")
-    out: str = arg("runs", "folder of run folders")
+    eval_only: str = arg("", "evaluate a finished run (evaluation flags given here win); rewrite its metrics.json",
+                         metavar="RUN_DIR", resume_may_differ=True)
+    predict: list = list_arg(str, "classify new images (files or folders) with a finished run (top 3 classes "
+                                  "per image)", nargs="+", metavar=("RUN_DIR", "IMAGE"), resume_may_differ=True)
+    predictions: str = arg("", "with --predict: also write one CSV row per image to this file", metavar="CSV",
+                           resume_may_differ=True)
+    check_setup: list = list_arg(str, "check a sweep's setup (these flags, the backbone, each dataset and its "
+                                      "class text) and exit", metavar="DATASET", resume_may_differ=True)
+    resume: bool = arg(False, "continue an interrupted run from its checkpoint", resume_may_differ=True)
+    overwrite: bool = arg(False, "replace the run in its folder (the old one stays until the new one has a "
+                          "checkpoint)", resume_may_differ=True)
+    stop_after_epoch: int = arg(0, "testing: stop after this epoch, leaving only the checkpoint", at_least=0,
+                                resume_may_differ=True, hidden=True)
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N (the numbers agree to float rounding)",
+                      resume_may_differ=True, eval_option=True)
+    precision: str = arg("fp32", "fp32, or bf16 autocast on CUDA", ["fp32", "bf16"], eval_option=True)
+    workers: int = arg(runner.default_workers(), "data loader processes (the numbers do not depend on it)",
+                       at_least=0, resume_may_differ=True, eval_option=True)
+    benchmark: bool = arg(False, "time a training step and evaluation against the bare frozen towers; print JSON",
+                          resume_may_differ=True)
+    out: str = arg("runs", "folder of run folders", metavar="DIR", resume_may_differ=True)
 
 
 # --------------------------------------------------------------------------- text prompt learner
@@ -247,6 +267,15 @@ def default_fusion_layers(depth):
 
 # --------------------------------------------------------------------------- the model
 class BiomedAP(nn.Module):
+    """The prompted model: a learned text context (PromptLearner), visual prompts in the image tower,
+    GatedFusion modules at `fusion_layers`, and the two frozen anchors of the dual-anchor loss.
+
+    forward(images (B, 3, H, W), context (B, M, Dt) or None) returns, on every branch:
+        logits (B, C), image_features (B, E) or (B, C, E) with per-class context, text_features
+        (C, E), fused_text [(B, M, Dt)] per fusion block, context, and anchor_logits (B, C), the
+        high anchor's zero-shot logits of the same image features (None for a model built
+        without anchors, for evaluation or prediction, which cannot train)."""
+
     def __init__(self, backbone, classnames, template, ctx_init, n_ctx, variant="paper",
                  prompt_tokens=4, fusion_layers=(), heads=8, dropout=0.1, infer_context="mean",
                  high_anchor=None, low_anchor=None):
@@ -324,12 +353,13 @@ class BiomedAP(nn.Module):
             feats = torch.stack([self.encode_image(images, class_ctx[c].expand(B, -1, -1))[0]
                                  for c in range(len(class_ctx))], dim=1)           # (B, C, E)
             logits = scale * torch.einsum("bce,ce->bc", feats, text)
-            return {"logits": logits, "image_features": feats, "text_features": text}
+            return {"logits": logits, "image_features": feats, "text_features": text, "fused_text": [],
+                    "context": class_ctx, "anchor_logits": None}
         if context is None:
             context = class_ctx.mean(0, keepdim=True).expand(B, -1, -1)           # (B, M, Dt)
         feats, fused_text = self.encode_image(images, context)
         out = {"logits": scale * feats @ text.t(), "image_features": feats, "text_features": text,
-               "fused_text": fused_text, "context": context}
+               "fused_text": fused_text, "context": context, "anchor_logits": None}
         if self.high_anchor is not None:  # zero-shot logits of the same prompted image features
             out["anchor_logits"] = scale * feats @ self.high_anchor.t()
         return out
@@ -383,7 +413,12 @@ def confidence_weight(logits, alpha):
 
 # --------------------------------------------------------------------------- training step
 def train_step(model, images, labels, optimizer, lam, args):
-    """One optimisation step; returns the logged loss terms and the logits."""
+    """One optimisation step; returns the logged loss terms and the logits. Needs a model built
+    with both anchors (`build_model(..., support=...)`): one built for evaluation or prediction
+    has none and cannot train."""
+    if model.high_anchor is None or model.low_anchor is None:
+        raise ValueError("this BiomedAP model was built without anchors (for evaluation or prediction) "
+                         "and cannot train: build it with support batches")
     with common.autocast(args.precision, images.device):
         context = model.prompt_learner.class_context()[labels]                    # (B, M, Dt)
         out = model(images, context=context)
@@ -436,17 +471,22 @@ def lr_factor(epoch, args, epochs):
 
 
 def setup(args, device, anchors=True):
-    """The frozen backbone, the model for the training classes (with its two anchors when
-    training), the few-shot splits, the training classes' splits, class text, resolved config."""
+    """(backbone, model, train, evals, text, cfg), the same in both method files: the frozen
+    backbone; the model for the training classes (with its two anchors when `anchors`, which
+    training needs and evaluation does not); the training classes' few-shot splits; the
+    evaluation blocks {"test"} or {"base", "novel"} (Splits whose .test is scored); the class
+    text; the resolved configuration (official per-dataset values for knobs left at none)."""
     backbone = common.load_backbone(args.backbone, device)
     splits = data.load_splits(args.dataset, args.root, args.download, image_size=backbone.image_size)
     splits = data.few_shot_splits(splits, args.shots, args.seed)
     train = data.subsample_classes(splits, args.subsample)
+    evals = {"test": train} if args.subsample == "all" else {"base": train,
+                                                             "novel": data.subsample_classes(splits, "novel")}
     text = data.load_class_text(args.dataset, splits.classnames, args.root)
     cfg = resolve(args, args.dataset, backbone, text["ctx_init"])
     support = make_eval_loader(train.train, backbone, dataclasses.replace(args, workers=0)) if anchors else None
     model = build_model(backbone, train.classnames, text, cfg, args, device, support)
-    return backbone, model, splits, train, text, cfg
+    return backbone, model, train, evals, text, cfg
 
 
 def make_train_loader(train, backbone, args):
@@ -528,7 +568,7 @@ def evaluate_with_robustness(model, loader, args, device, text, classnames):
     return metrics, {"accuracy": accuracy, "mean_drop": sum(drops) / len(drops)}
 
 
-def evaluate_all(model, backbone, splits, train, text, cfg, args, device):
+def evaluate_all(model, backbone, train, evals, text, cfg, args, device):
     """Few-shot: {"test"} (and "robustness"). Base-to-novel: {"base", "novel", "harmonic_mean"}:
     the same learned tensors with prompts rebuilt for the novel class names."""
     loader = make_eval_loader(train.test, backbone, args)
@@ -538,7 +578,7 @@ def evaluate_all(model, backbone, splits, train, text, cfg, args, device):
         first, robustness = evaluate(model, loader, args, device), None
     metrics = {"test" if args.subsample == "all" else "base": first}
     if args.subsample == "base":
-        novel = data.subsample_classes(splits, "novel")
+        novel = evals["novel"]
         novel_model = build_model(backbone, novel.classnames, text, cfg, args, device)
         novel_model.load_state_dict(model.state_dict(), strict=True)
         metrics["novel"] = evaluate(novel_model, make_eval_loader(novel.test, backbone, args), args, device)
@@ -548,42 +588,40 @@ def evaluate_all(model, backbone, splits, train, text, cfg, args, device):
     return metrics
 
 
-def classnames_of(splits, train, args):
+def classnames_of(evals):
     """Class names per evaluation block, for the axes of confusion.png."""
-    if args.subsample == "all":
-        return {"test": train.classnames}
-    return {"base": train.classnames, "novel": data.subsample_classes(splits, "novel").classnames}
+    return {name: split.classnames for name, split in evals.items()}
 
 
 def folder_of(args):
     """runs/[<backbone>/]biomedap[-official]/<dataset>/<K>shot[_base2novel]/seed<S>/"""
     method = "biomedap" if args.variant == "paper" else "biomedap-official"
-    return common.run_dir(args.out, method, args.dataset, args.shots, args.seed, args.subsample, args.backbone)
+    return runner.run_dir(args.out, method, args.dataset, args.shots, args.seed, args.subsample, args.backbone)
 
 
 def eval_only(cli):
     """Evaluate a finished run with its saved arguments (evaluation options given on this command
     line win, e.g. --robustness) and rewrite its metrics.json."""
-    ckpt, args, given = common.eval_only_args(cli, Args)
+    ckpt, args, given = runner.eval_only_args(cli, Args)
     device = common.resolve_device(args.device)
-    backbone, model, splits, train, text, cfg = setup(args, device, anchors=False)
+    backbone, model, train, evals, text, cfg = setup(args, device, anchors=False)
     if ckpt["epoch"] < cfg["epochs"]:
         raise UserError(f"{cli.eval_only} is unfinished (epoch {ckpt['epoch']} of {cfg['epochs']}): "
                         f"finish it with --resume")
-    common.load_trainable(model, ckpt["trainable"])
+    runner.load_trainable(model, ckpt["trainable"])
     start = time.perf_counter()
-    metrics = evaluate_all(model, backbone, splits, train, text, cfg, args, device)
-    common.write_eval_only(cli.eval_only, args, metrics, time.perf_counter() - start, given,
+    metrics = evaluate_all(model, backbone, train, evals, text, cfg, args, device)
+    runner.write_eval_only(cli.eval_only, args, metrics, time.perf_counter() - start, given,
                            {"config": cfg, "shots_per_class": data.shots_per_class(train)},
-                           classnames_of(splits, train, args))
-    print(common.summary_line(metrics), f"-> {cli.eval_only}/metrics.json")
+                           classnames_of(evals))
+    print(runner.summary_line(metrics), f"-> {cli.eval_only}/metrics.json")
     return metrics
 
 
 def load_run(run_dir, device="cpu", backbone=None):
-    """A finished run as a `common.Predictor`: `load_run(RUN_DIR)(images)` gives each image's class
+    """A finished run as a `runner.Predictor`: `load_run(RUN_DIR)(images)` gives each image's class
     probabilities. Needs the run folder, the backbone and the class text only."""
-    ckpt, args = common.load_finished_run(run_dir, Args)
+    ckpt, args = runner.load_finished_run(run_dir, Args)
     classnames = ckpt["classnames"]
     backbone = backbone or common.load_backbone(args.backbone, device)
     text = ckpt["class_text"]  # the run's own: the dataset folder may have moved or changed since
@@ -591,9 +629,9 @@ def load_run(run_dir, device="cpu", backbone=None):
     if ckpt["epoch"] < cfg["epochs"]:
         raise UserError(f"{run_dir} is unfinished (epoch {ckpt['epoch']} of {cfg['epochs']}): finish it with --resume")
     model = build_model(backbone, classnames, text, cfg, args, device)
-    common.load_trainable(model, ckpt["trainable"])
+    runner.load_trainable(model, ckpt["trainable"])
     transform = data.build_transform(backbone.image_size, backbone.mean, backbone.std, train=False)
-    return common.Predictor(model, transform, classnames, device)
+    return runner.Predictor(model, transform, classnames, device)
 
 
 def benchmark(args):
@@ -640,27 +678,29 @@ def benchmark(args):
 
     extra = {"method": "biomedap", "variant": args.variant, "backbone": args.backbone, "batch": B,
              "eval_batch": n_eval, "classes": len(classnames), "prompt_length": ids.shape[1]}
-    return common.benchmark_report(device, args.precision, step, floor, infer,
+    return runner.benchmark_report(device, args.precision, step, floor, infer,
                                    lambda: backbone.encode_image(eval_images), n_eval,
                                    sum(p.numel() for p in model.parameters() if p.requires_grad), extra)
 
 
 def main(args):
+    if args.check_setup:
+        return runner.check_setup(args)
     if args.benchmark:
         return benchmark(args)
     if args.eval_only:
         return eval_only(args)
     if args.predict:
-        return common.predict_cli(args, load_run)
+        return runner.predict_cli(args, load_run)
     start = time.perf_counter()
-    args, device, run, ckpt = common.start_run(args, folder_of)
+    args, device, run, ckpt = runner.start_run(args, folder_of)
     common.seed_everything(args.seed)
-    backbone, model, splits, train, text, cfg = setup(args, device)
+    backbone, model, train, evals, text, cfg = setup(args, device)
     loader = make_train_loader(train, backbone, args)
     optimizer, scheduler = make_optimizer(model, args, cfg["epochs"])
-    print(common.describe_trainable(model, group=("fusion",)), f"{len(train.train)} training images,",
+    print(runner.describe_trainable(model, group=("fusion",)), f"{len(train.train)} training images,",
           f"{len(train.classnames)} classes, {len(loader)} steps/epoch; config {cfg}")
-    first = common.restore_training_state(ckpt, model, optimizer, scheduler, loader) if ckpt else 1
+    first = runner.restore_training_state(ckpt, model, optimizer, scheduler, loader) if ckpt else 1
     class_text = dict(text, classes={c: text["classes"][c] for c in train.classnames})  # kept for --predict
     setup_s, train_start = time.perf_counter() - start, time.perf_counter()
     last = min(args.stop_after_epoch or cfg["epochs"], cfg["epochs"])
@@ -668,23 +708,23 @@ def main(args):
         for epoch in range(first, last + 1):
             epoch_start = time.perf_counter()
             stats = train_one_epoch(model, loader, optimizer, scheduler, args, device, cfg["lambda"])
-            common.check_finite(stats, epoch)
-            print(common.epoch_line(epoch, cfg["epochs"], stats, time.perf_counter() - epoch_start), flush=True)
-            run.save_checkpoint(common.training_state(model, args, epoch, optimizer, scheduler, loader, class_text))
+            runner.check_finite(stats, epoch)
+            print(runner.epoch_line(epoch, cfg["epochs"], stats, time.perf_counter() - epoch_start), flush=True)
+            run.save_checkpoint(runner.training_state(model, args, epoch, optimizer, scheduler, loader, class_text))
     if last < cfg["epochs"]:
         print(f"stopped after epoch {last} (--stop-after-epoch); continue with --resume")
         return None
     train_s, eval_start = time.perf_counter() - train_start, time.perf_counter()
-    metrics = evaluate_all(model, backbone, splits, train, text, cfg, args, device)
+    metrics = evaluate_all(model, backbone, train, evals, text, cfg, args, device)
     timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": time.perf_counter() - eval_start}
-    common.write_metrics(run.path, args, metrics, timings, {
+    runner.write_metrics(run.path, args, metrics, timings, {
         "config": cfg, "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "shots_per_class": data.shots_per_class(train)}, classnames_of(splits, train, args))
-    common.finish_checkpoint(run.path)
-    print(common.summary_line(metrics), f"-> {run.path / 'metrics.json'}")
+        "shots_per_class": data.shots_per_class(train)}, classnames_of(evals))
+    runner.finish_checkpoint(run.path)
+    print(runner.summary_line(metrics), f"-> {run.path / 'metrics.json'}")
     return metrics
 
 
 if __name__ == "__main__":
-    common.run_cli(main, Args, "BiomedAP: gated cross-modal fusion and dual anchors for prompt learning "
+    runner.run_cli(main, Args, "BiomedAP: gated cross-modal fusion and dual anchors for prompt learning "
                                "on a frozen BiomedCLIP (see the module docstring).")

@@ -76,8 +76,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
-from common import UserError, arg
 import data
+import runner
+from common import UserError
+from runner import arg, list_arg
 
 ATTRIBUTE_SETS = ("descriptions", "distinctive", "confusions")  # Des, Dist, Conf
 
@@ -85,45 +87,56 @@ ATTRIBUTE_SETS = ("descriptions", "distinctive", "confusions")  # Des, Dist, Con
 @dataclass
 class Args:
     dataset: str = arg("btmri", "benchmark name (btmri, busi, ...), synthetic, or your own folder of class sub-folders")
-    root: str = arg("data", "folder holding the benchmark datasets")
-    download: bool = arg(False, "fetch a missing benchmark dataset from the Hugging Face hub")
-    shots: int = arg(16, "K labelled training images per class")
-    seed: int = arg(1, "seed of the few-shot subset, the initialisation and the data order")
+    root: str = arg("data", "folder holding the benchmark datasets", metavar="DIR", resume_may_differ=True,
+                    eval_option=True)
+    download: bool = arg(False, "fetch a missing benchmark dataset from the Hugging Face hub",
+                         resume_may_differ=True, eval_option=True)
+    shots: int = arg(16, "K labelled training images per class", at_least=1)
+    seed: int = arg(1, "seed of the few-shot subset, the initialisation and the data order", at_least=0)
     subsample: str = arg("all", "all: few-shot on every class; base: train on base classes, test base and novel",
                          ["all", "base"])
     backbone: str = arg("biomedclip", "frozen backbone: biomedclip, clip, hf-hub:ORG/REPO, local-dir:PATH, tiny, ...")
     # the method (paper Table 1 / released Table-1 script defaults)
     frame: int = arg(None, "w: width of the learnable padding frame in pixels; none = 16/224 of the "
-                      "input size (official: 16 at 224)")
-    num_attr: int = arg(20, "m: attributes drawn per class and set (official: 20)")
-    topk: int = arg(3, "k: nearest attributes averaged per class (official: 3)")
-    min_chars: int = arg(20, "drop attribute sentences shorter than this (official: 20)")
+                     "input size (official: 16 at 224)", at_least=1)
+    num_attr: int = arg(20, "m: attributes drawn per class and set (official: 20)", at_least=1)
+    topk: int = arg(3, "k: nearest attributes averaged per class (official: 3)", at_least=1)
+    min_chars: int = arg(20, "drop attribute sentences shorter than this (official: 20)", at_least=0)
     gate_init: float = arg(1.0, "initial value of both gate logits w (official: (1, 1))")
-    beta: float = arg(0.3, "beta: weight of the confusion-suppression loss (official: 0.3)")
+    beta: float = arg(0.3, "beta: weight of the confusion-suppression loss (official: 0.3)", at_least=0)
     margin: float = arg(0.5, "margin of L_CS in logit units (official: 0.5)")
     cs_anchor: str = arg("positive", "L_CS anchor: positive = s+_y (the paper's figure), fused = fused "
                          "logit of y (the released Table-1 script; run.sh tables biomedvr)", ["positive", "fused"])
     # optimisation
-    epochs: int = arg(400, "training epochs (official: 400)")
-    batch_size: int = arg(None, "batch size; none = 64, or 16 at one shot (official)")
-    lr: float = arg(40.0, "SGD learning rate, cosine to 0 per iteration (official: 40)")
-    momentum: float = arg(0.9, "SGD momentum (official: 0.9; no weight decay)")
+    epochs: int = arg(400, "training epochs (official: 400)", at_least=1)
+    batch_size: int = arg(None, "batch size; none = 64, or 16 at one shot (official)", at_least=1)
+    lr: float = arg(40.0, "SGD learning rate, cosine to 0 per iteration (official: 40)", above=0)
+    momentum: float = arg(0.9, "SGD momentum (official: 0.9; no weight decay)", at_least=0, below=1)
     # evaluation
     eval_every: int = arg(0, "also evaluate the test set every N epochs (0: only at the end); "
-                          "the best of these is reported as test-selected")
+                          "the best of these is reported as test-selected", at_least=0, resume_may_differ=True)
     # running
-    eval_only: str = arg("", "RUN_DIR: evaluate a finished run (evaluation flags given here win); rewrite metrics.json")
-    predict: list = common.list_arg(str, "RUN_DIR IMAGE_OR_FOLDER...: classify new images with a finished run "
-                                         "(top 3 classes per image)", nargs="+")
-    predictions: str = arg("", "with --predict: also write one CSV row per image to this file")
-    resume: bool = arg(False, "continue an interrupted run from its checkpoint")
-    overwrite: bool = arg(False, "replace the run in its folder (the old one stays until the new one has a checkpoint)")
-    stop_after_epoch: int = arg(0, "testing: stop after this epoch, leaving only the checkpoint", hidden=True)
-    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
-    precision: str = arg("fp32", "fp32, or bf16 autocast on CUDA", ["fp32", "bf16"])
-    workers: int = arg(4, "data loader processes (augmentations depend on the count: keep it fixed to repeat a run)")
-    benchmark: bool = arg(False, "time a training step and evaluation against the bare frozen towers; print JSON")
-    out: str = arg("runs", "folder of run folders")
+    eval_only: str = arg("", "evaluate a finished run (evaluation flags given here win); rewrite its metrics.json",
+                         metavar="RUN_DIR", resume_may_differ=True)
+    predict: list = list_arg(str, "classify new images (files or folders) with a finished run (top 3 classes "
+                                  "per image)", nargs="+", metavar=("RUN_DIR", "IMAGE"), resume_may_differ=True)
+    predictions: str = arg("", "with --predict: also write one CSV row per image to this file", metavar="CSV",
+                           resume_may_differ=True)
+    check_setup: list = list_arg(str, "check a sweep's setup (these flags, the backbone, each dataset and its "
+                                      "class text) and exit", metavar="DATASET", resume_may_differ=True)
+    resume: bool = arg(False, "continue an interrupted run from its checkpoint", resume_may_differ=True)
+    overwrite: bool = arg(False, "replace the run in its folder (the old one stays until the new one has a "
+                          "checkpoint)", resume_may_differ=True)
+    stop_after_epoch: int = arg(0, "testing: stop after this epoch, leaving only the checkpoint", at_least=0,
+                                resume_may_differ=True, hidden=True)
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N (the numbers agree to float rounding)",
+                      resume_may_differ=True, eval_option=True)
+    precision: str = arg("fp32", "fp32, or bf16 autocast on CUDA", ["fp32", "bf16"], eval_option=True)
+    workers: int = arg(runner.default_workers(), "data loader processes (the numbers do not depend on it)",
+                       at_least=0, resume_may_differ=True, eval_option=True)
+    benchmark: bool = arg(False, "time a training step and evaluation against the bare frozen towers; print JSON",
+                          resume_may_differ=True)
+    out: str = arg("runs", "folder of run folders", metavar="DIR", resume_may_differ=True)
 
 
 # --------------------------------------------------------------------------- text side
@@ -295,12 +308,17 @@ def make_optimizer(model, args, steps_per_epoch):
 
 
 def setup(args, device):
-    """The frozen backbone, the model for the training classes, the data, the class text."""
+    """(backbone, model, train, evals, text, cfg), the same in both method files: the frozen
+    backbone; the model for the training classes; the training classes' few-shot splits; the
+    evaluation blocks {"test"} or {"base", "novel"} (Splits whose .test is scored); the class
+    text; the resolved values of the knobs left at none (frame width, batch size)."""
     backbone = common.load_backbone(args.backbone, device)
     train, evals = load_data(args, backbone.image_size)
-    class_text = data.load_class_text(args.dataset, train.classnames, args.root)
+    everyone = [name for split in evals.values() for name in split.classnames]  # base and novel alike
+    class_text = data.load_class_text(args.dataset, everyone, args.root)
     model = build_model(backbone, class_text, train.classnames, args, device)
-    return backbone, model, train, evals, class_text
+    cfg = {"frame": frame_width(args, backbone.image_size), "batch_size": batch_size(args)}
+    return backbone, model, train, evals, class_text, cfg
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, args, device):
@@ -332,15 +350,15 @@ def evaluate(model, loader, args, device):
     return common.classification_metrics(torch.cat(logits), torch.cat(labels), model.descriptions.shape[1])
 
 
-def evaluate_all(model, backbone, evals, loaders, args, device):
+def evaluate_all(model, backbone, train, evals, text, cfg, args, device):
     """{"test"} or {"base", "novel", "harmonic_mean"}, plus the learned gate (g+, g-). Novel
     classes: the same programs and gate with attribute banks drawn for the novel class names."""
+    loaders = make_eval_loaders(evals, backbone.image_size, args)
     gate = model.gate.detach().softmax(0).tolist()
     if args.subsample != "base":
         return {"test": evaluate(model, loaders["test"], args, device), "gate": gate}
     metrics = {"base": evaluate(model, loaders["base"], args, device)}
-    class_text = data.load_class_text(args.dataset, evals["novel"].classnames, args.root)
-    model.set_attributes(attribute_banks(backbone, class_text, evals["novel"].classnames, args))
+    model.set_attributes(attribute_banks(backbone, text, evals["novel"].classnames, args))
     metrics["novel"] = evaluate(model, loaders["novel"], args, device)
     metrics["harmonic_mean"] = common.harmonic_mean(metrics["base"]["accuracy"], metrics["novel"]["accuracy"])
     metrics["gate"] = gate
@@ -361,7 +379,7 @@ def save_programs_png(model, train, S, args, path, n=4):
     images = torch.stack([dataset[i][0] for i in range(len(firsts))]).to(model.mask.device)
     seen = model.reprogram(images) * model.std + model.mean  # (2n, 3, S, S), un-normalised to [0, 1]
     frames = torch.stack([model.delta_plus, model.delta_minus]).sigmoid() * model.mask  # (2, 3, S, S)
-    fig = common.new_figure(1.5 * (len(firsts) + 1), 3.3)
+    fig = runner.new_figure(1.5 * (len(firsts) + 1), 3.3)
     axes = fig.subplots(2, len(firsts) + 1, squeeze=False)
     for row, expert in enumerate(("delta+ (positive)", "delta- (negative)")):
         panels = [frames[row]] + [seen[row * len(firsts) + i] for i in range(len(firsts))]
@@ -371,46 +389,46 @@ def save_programs_png(model, train, S, args, path, n=4):
             ax.set_xticks([]), ax.set_yticks([])
             ax.set_title(title if row == 0 else "", fontsize=7)
         axes[row, 0].set_ylabel(expert, fontsize=8)
-    common.atomic_write_png(fig, path)
+    runner.atomic_write_png(fig, path)
 
 
 def folder_of(args):
     """runs/[<backbone>/]biomedvr[-fused]/<dataset>/<K>shot[_base2novel]/seed<S>/"""
     method = "biomedvr" if args.cs_anchor == "positive" else "biomedvr-fused"
-    return common.run_dir(args.out, method, args.dataset, args.shots, args.seed, args.subsample, args.backbone)
+    return runner.run_dir(args.out, method, args.dataset, args.shots, args.seed, args.subsample, args.backbone)
 
 
 def eval_only(cli):
     """Evaluate a finished run with its saved arguments (evaluation options given on this command
     line win; the same seed redraws the same attribute banks) and rewrite its metrics.json."""
-    ckpt, args, given = common.eval_only_args(cli, Args)
+    ckpt, args, given = runner.eval_only_args(cli, Args)
     if ckpt["epoch"] < args.epochs:
         raise UserError(f"{cli.eval_only} is unfinished (epoch {ckpt['epoch']} of {args.epochs}): "
                         f"finish it with --resume")
     device = common.resolve_device(args.device)
     common.seed_everything(args.seed)
-    backbone, model, train, evals, _ = setup(args, device)
-    common.load_trainable(model, ckpt["trainable"])
+    backbone, model, train, evals, text, cfg = setup(args, device)
+    runner.load_trainable(model, ckpt["trainable"])
     start = time.perf_counter()
-    metrics = evaluate_all(model, backbone, evals, make_eval_loaders(evals, backbone.image_size, args), args, device)
-    common.write_eval_only(cli.eval_only, args, metrics, time.perf_counter() - start, given,
-                           {"shots_per_class": data.shots_per_class(train)}, classnames_of(evals))
-    print(common.summary_line(metrics), f"-> {cli.eval_only}/metrics.json")
+    metrics = evaluate_all(model, backbone, train, evals, text, cfg, args, device)
+    runner.write_eval_only(cli.eval_only, args, metrics, time.perf_counter() - start, given,
+                           {"config": cfg, "shots_per_class": data.shots_per_class(train)}, classnames_of(evals))
+    print(runner.summary_line(metrics), f"-> {cli.eval_only}/metrics.json")
     return metrics
 
 
 def load_run(run_dir, device="cpu", backbone=None):
-    """A finished run as a `common.Predictor`: `load_run(RUN_DIR)(images)` gives each image's class
+    """A finished run as a `runner.Predictor`: `load_run(RUN_DIR)(images)` gives each image's class
     probabilities, the top class of each expert and the gate. Needs the run folder, the backbone
     and the class text only (the attribute banks are redrawn from the run's seed)."""
-    ckpt, args = common.load_finished_run(run_dir, Args)
+    ckpt, args = runner.load_finished_run(run_dir, Args)
     if ckpt["epoch"] < args.epochs:
         raise UserError(f"{run_dir} is unfinished (epoch {ckpt['epoch']} of {args.epochs}): finish it with --resume")
     classnames = ckpt["classnames"]
     backbone = backbone or common.load_backbone(args.backbone, device)
     class_text = ckpt["class_text"]  # the run's own: the dataset folder may have moved or changed since
     model = build_model(backbone, class_text, classnames, args, device)
-    common.load_trainable(model, ckpt["trainable"])
+    runner.load_trainable(model, ckpt["trainable"])
     S = backbone.image_size
 
     def experts(out, names):
@@ -418,7 +436,7 @@ def load_run(run_dir, device="cpu", backbone=None):
         return {"positive_expert": [names[i] for i in out["s_plus"].argmax(-1).tolist()],
                 "negative_expert": [names[i] for i in out["s_minus"].argmax(-1).tolist()],
                 "gate": [gate] * len(out["logits"])}
-    return common.Predictor(model, data.build_transform(S - 2 * frame_width(args, S)), classnames, device, experts)
+    return runner.Predictor(model, data.build_transform(S - 2 * frame_width(args, S)), classnames, device, experts)
 
 
 def benchmark(args):
@@ -454,28 +472,31 @@ def benchmark(args):
         z.float().sum().backward()
         floor_input.grad = None
 
-    return common.benchmark_report(
+    return runner.benchmark_report(
         device, args.precision, step, floor, lambda: model(images), lambda: backbone.encode_image(floor_input),
         B, sum(p.numel() for p in model.parameters()),
         {"method": "biomedvr", "backbone": args.backbone, "batch": B, "eval_batch": B, "classes": C})
 
 
 def main(args):
+    if args.check_setup:
+        return runner.check_setup(args)
     if args.benchmark:
         return benchmark(args)
     if args.eval_only:
         return eval_only(args)
     if args.predict:
-        return common.predict_cli(args, load_run)
+        return runner.predict_cli(args, load_run)
     start = time.perf_counter()
-    args, device, run, ckpt = common.start_run(args, folder_of)
+    args, device, run, ckpt = runner.start_run(args, folder_of)
     common.seed_everything(args.seed)
-    backbone, model, train, evals, class_text = setup(args, device)  # class text kept for --predict
+    backbone, model, train, evals, text, cfg = setup(args, device)
+    class_text = dict(text, classes={c: text["classes"][c] for c in train.classnames})  # kept for --predict
     loader = make_train_loader(train, backbone.image_size, args)
     optimizer, scheduler = make_optimizer(model, args, len(loader))
-    print(common.describe_trainable(model), f"{len(train.train)} training images,",
-          f"{len(train.classnames)} classes, {len(loader)} steps/epoch")
-    first = common.restore_training_state(ckpt, model, optimizer, scheduler, loader) if ckpt else 1
+    print(runner.describe_trainable(model), f"{len(train.train)} training images,",
+          f"{len(train.classnames)} classes, {len(loader)} steps/epoch; config {cfg}")
+    first = runner.restore_training_state(ckpt, model, optimizer, scheduler, loader) if ckpt else 1
     history = ckpt["history"] if ckpt else []  # --eval-every: test accuracy after epoch e
     eval_loaders = make_eval_loaders(evals, backbone.image_size, args)
     setup_s, train_start = time.perf_counter() - start, time.perf_counter()
@@ -490,28 +511,28 @@ def main(args):
                 accuracy = evaluate(model, eval_loaders[next(iter(eval_loaders))], args, device)["accuracy"]
                 history.append({"epoch": epoch, "test_accuracy": accuracy})
                 extra += f" test_acc {accuracy:.2f}"
-            common.check_finite(stats, epoch)
-            print(common.epoch_line(epoch, args.epochs, stats, time.perf_counter() - epoch_start, extra), flush=True)
-            run.save_checkpoint(common.training_state(model, args, epoch, optimizer, scheduler, loader,
+            runner.check_finite(stats, epoch)
+            print(runner.epoch_line(epoch, args.epochs, stats, time.perf_counter() - epoch_start, extra), flush=True)
+            run.save_checkpoint(runner.training_state(model, args, epoch, optimizer, scheduler, loader,
                                                       class_text, history))
     if last < args.epochs:
         print(f"stopped after epoch {last} (--stop-after-epoch); continue with --resume")
         return None
     train_s, eval_start = time.perf_counter() - train_start, time.perf_counter()
-    metrics = evaluate_all(model, backbone, evals, eval_loaders, args, device)
+    metrics = evaluate_all(model, backbone, train, evals, text, cfg, args, device)
     if args.eval_every:  # model selection on the test set, reported apart and labelled as such
         history.append({"epoch": args.epochs, "test_accuracy": metrics.get("test", metrics.get("base"))["accuracy"]})
         best = max(history, key=lambda h: h["test_accuracy"])
         metrics["best_test_accuracy_test_selected"] = {"accuracy": best["test_accuracy"], "epoch": best["epoch"]}
     timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": time.perf_counter() - eval_start}
-    common.write_metrics(run.path, args, metrics, timings, {
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    runner.write_metrics(run.path, args, metrics, timings, {
+        "config": cfg, "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "eval_history": history, "shots_per_class": data.shots_per_class(train)}, classnames_of(evals))
     save_programs_png(model, train, backbone.image_size, args, run.path / "programs.png")
-    common.finish_checkpoint(run.path)
-    print(common.summary_line(metrics), f"-> {run.path / 'metrics.json'}")
+    runner.finish_checkpoint(run.path)
+    print(runner.summary_line(metrics), f"-> {run.path / 'metrics.json'}")
     return metrics
 
 
 if __name__ == "__main__":
-    common.run_cli(main, Args, __doc__.split("\n\n")[0])
+    runner.run_cli(main, Args, __doc__.split("\n\n")[0])

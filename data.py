@@ -696,6 +696,23 @@ def make_loader(dataset, batch_size: int, train: bool, seed: int, workers: int =
         pin_memory=torch.cuda.is_available())
 
 
+def find_images(inputs) -> list:
+    """Image files named on the command line: files as given, folders searched recursively."""
+    found = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                            and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UserError(f"{name} is neither an image file nor a folder")
+    if not found:
+        raise UserError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {' '.join(map(str, inputs))}")
+    return found
+
+
 # ---------------------------------------------------------------- class text
 
 MIN_SENTENCES = {"descriptions": 20, "distinctive": 5, "confusions": 5}

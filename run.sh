@@ -53,7 +53,7 @@ flag_value() {  # FLAG DEFAULT: the last value FLAG gets in the FLAGS after "--"
   echo "$value"
 }
 
-backbone_dir() {  # "" for BiomedCLIP, else the backbone's folder (common.backbone_folder's rule) and /
+backbone_dir() {  # "" for BiomedCLIP, else the backbone's folder (runner.backbone_folder's rule) and /
   local b; b=$(flag_value --backbone biomedclip)
   [[ $b == biomedclip || $b == hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 ]] || echo "${b//[^A-Za-z0-9._-]/_}/"
 }
@@ -98,7 +98,7 @@ sweep() {  # METHOD PROTOCOL DATASETS SHOTS SEEDS
 }
 
 preflight() {  # once, before any job: the flags parse, the backbone loads, every dataset is there
-  if ! $PYTHON common.py check --datasets "${DATASETS_USED[@]}" --method "$METHOD_USED" "${EXTRA[@]+"${EXTRA[@]}"}"; then
+  if ! $PYTHON "$METHOD_USED.py" --check-setup "${DATASETS_USED[@]}" "${EXTRA[@]+"${EXTRA[@]}"}"; then
     echo "the sweep did not start: fix the setup error above, then run it again" >&2; exit 2
   fi
 }
@@ -119,7 +119,7 @@ run_jobs() {  # run the job list (sequentially, or one worker per GPU), then the
       done ) &
   done
   wait
-  $PYTHON common.py summarize "$OUT"
+  $PYTHON report.py "$OUT"
   if [[ -s $failures ]]; then
     echo "$(wc -l <"$failures") job(s) failed:" >&2; cat "$failures" >&2; rm -f "$failures"; exit 1
   fi
@@ -133,11 +133,11 @@ case "$CMD" in
       for m in biomedap biomedvr; do
         JOBS+=("$PYTHON $m.py --dataset synthetic --backbone $bb --shots 8 --seed 1 --epochs 5 --device cpu --workers 0 --out $OUT --overwrite")
       done
-      JOBS+=("$PYTHON common.py zeroshot --dataset synthetic --backbone $bb --device cpu --workers 0 --out $OUT --overwrite")
+      JOBS+=("$PYTHON zeroshot.py --dataset synthetic --backbone $bb --device cpu --workers 0 --out $OUT --overwrite")
     done
     run_jobs_smoke() {  # runs land in $OUT/tiny/... and $OUT/tiny-clip/...: one table per backbone
       for job in "${JOBS[@]}"; do echo "+ $job" >&2; eval "$job" | tail -n 3; done
-      $PYTHON common.py summarize "$OUT"
+      $PYTHON report.py "$OUT"
       echo "(small random backbones and 5 epochs: accuracies near chance, 25%, are expected; this checks" \
            "that every step runs. Real numbers need BiomedCLIP and a dataset, see README.)"
     }
@@ -163,10 +163,10 @@ case "$CMD" in
     for d in $(pick "${POS[1]:-}" "$ALL_DATASETS"); do
       [[ " ${DATASETS_USED[*]-} " == *" $d "* ]] || DATASETS_USED+=("$d")
       [[ -f $OUT/$(backbone_dir)zeroshot/$(dataset_key "$d")/seed1/metrics.json ]] && continue
-      JOBS+=("$(quoted $PYTHON common.py zeroshot --dataset "$d" --out "$OUT" "${EXTRA[@]+"${EXTRA[@]}"}")")
+      JOBS+=("$(quoted $PYTHON zeroshot.py --dataset "$d" --out "$OUT" "${EXTRA[@]+"${EXTRA[@]}"}")")
     done
     run_jobs ;;
-  summarize) $PYTHON common.py summarize "${POS[1]:-$OUT}" ;;
+  summarize) $PYTHON report.py "${POS[1]:-$OUT}" ;;
   "") usage ;;
   *) echo "error: unknown command '$CMD': use smoke, fewshot, base2novel, robustness, tables, zeroshot or summarize" >&2
      exit 2 ;;

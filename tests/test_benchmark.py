@@ -9,6 +9,7 @@ import torch
 import biomedap
 import biomedvr
 import common
+import runner
 
 SHARED = {"step_ms", "floor_ms", "ratio", "eval_images_per_s", "eval_floor_images_per_s", "eval_ratio",
           "peak_memory_mb", "trainable_parameters", "device", "precision"}
@@ -21,12 +22,12 @@ def bench(backbones, monkeypatch):
     each pass timed once without warm-up (the numbers' meaning, not their accuracy, is tested)."""
     cached = lambda name, device="cpu": backbones(name)  # noqa: E731
     monkeypatch.setattr(common, "load_backbone", cached)
-    once = common.time_ms
-    monkeypatch.setattr(common, "time_ms", lambda fn, device, warmup, reps: once(fn, device, 0, 1))
+    once = runner.time_ms
+    monkeypatch.setattr(runner, "time_ms", lambda fn, device, warmup, reps: once(fn, device, 0, 1))
 
     def go(module, *flags):
         argv = ["--benchmark", "--backbone", "tiny", "--device", "cpu", *flags]
-        return module.main(common.parse_args(module.Args, argv))
+        return module.main(runner.parse_args(module.Args, argv))
     return go
 
 
@@ -51,8 +52,9 @@ def test_every_timed_pass_runs_in_the_asked_precision(bench, backbones, monkeypa
     # Linear output while a pass is timed shows the precision that pass ran in.
     def cpu_autocast(precision, device):
         return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    monkeypatch.setattr(common, "autocast", cpu_autocast)
-    timing, dtypes, once = [False], [], common.time_ms
+    monkeypatch.setattr(common, "autocast", cpu_autocast)  # the method files
+    monkeypatch.setattr(runner, "autocast", cpu_autocast)  # benchmark_report
+    timing, dtypes, once = [False], [], runner.time_ms
 
     def timed(fn, device, warmup, reps):
         timing[0] = True
@@ -60,7 +62,7 @@ def test_every_timed_pass_runs_in_the_asked_precision(bench, backbones, monkeypa
             return once(fn, device, warmup, reps)
         finally:
             timing[0] = False
-    monkeypatch.setattr(common, "time_ms", timed)
+    monkeypatch.setattr(runner, "time_ms", timed)
     record = lambda mod, inputs, output: dtypes.append(output.dtype) if timing[0] else None  # noqa: E731
     hooks = [m.register_forward_hook(record) for m in backbones("tiny").model.modules()
              if isinstance(m, torch.nn.Linear)]

@@ -15,6 +15,7 @@ from PIL import Image
 
 import biomedvr as bv
 import common
+import runner
 import data
 from common import UserError
 
@@ -280,7 +281,7 @@ def test_a_run_steps_over_every_image_and_anneals_over_all_its_steps(tmp_path):
     """main() end to end: 16 images in batches of 6 are 3 steps an epoch, so after epoch 1 of 3
     the scheduler has taken 3 of 9 steps and the rate is lr (1 + cos(pi / 3)) / 2."""
     run(tmp_path, batch_size=6, stop_after_epoch=1)
-    ckpt = common.load_checkpoint(common.run_dir(str(tmp_path / "runs"), "biomedvr", "synthetic", 4, 1, backbone="tiny-clip"))
+    ckpt = runner.load_checkpoint(runner.run_dir(str(tmp_path / "runs"), "biomedvr", "synthetic", 4, 1, backbone="tiny-clip"))
     assert ckpt["scheduler"]["last_epoch"] == 3 and ckpt["scheduler"]["T_max"] == 9
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(FAST["lr"] * (1 + math.cos(math.pi / 3)) / 2)
 
@@ -305,12 +306,12 @@ def test_same_seed_same_metrics_and_resume_is_exact(tmp_path):
     again = run(tmp_path / "b")
     assert again["test"] == full["test"] and again["gate"] == full["gate"]
     assert run(tmp_path / "c", stop_after_epoch=2) is None
-    folder = common.run_dir(str(tmp_path / "c" / "runs"), "biomedvr", "synthetic", 4, 1, backbone="tiny-clip")
-    assert not (folder / "metrics.json").exists() and common.load_checkpoint(folder)["epoch"] == 2
+    folder = runner.run_dir(str(tmp_path / "c" / "runs"), "biomedvr", "synthetic", 4, 1, backbone="tiny-clip")
+    assert not (folder / "metrics.json").exists() and runner.load_checkpoint(folder)["epoch"] == 2
     resumed = run(tmp_path / "c", resume=True)
     assert resumed["test"] == full["test"] and resumed["gate"] == full["gate"]
-    a = common.load_checkpoint(common.run_dir(str(tmp_path / "a" / "runs"), "biomedvr", "synthetic", 4, 1, backbone="tiny-clip"))
-    c = common.load_checkpoint(folder)
+    a = runner.load_checkpoint(runner.run_dir(str(tmp_path / "a" / "runs"), "biomedvr", "synthetic", 4, 1, backbone="tiny-clip"))
+    c = runner.load_checkpoint(folder)
     assert a["epoch"] == c["epoch"] == 3
     assert all(torch.equal(a["trainable"][k], c["trainable"][k]) for k in ("delta_plus", "delta_minus", "gate"))
     other = run(tmp_path / "d", seed=2)
@@ -321,22 +322,22 @@ def test_cli_writes_metrics_refuses_to_clobber_and_evaluates_only(tmp_path, caps
     out = str(tmp_path / "runs")
     argv = ["--dataset", "synthetic", "--backbone", "tiny", "--frame", "4", "--shots", "2", "--epochs", "2",
             "--batch-size", "8", "--workers", "0", "--out", out, "--eval-every", "1"]
-    metrics = bv.main(common.parse_args(bv.Args, argv))
-    folder = common.run_dir(out, "biomedvr", "synthetic", 2, 1, backbone="tiny")
+    metrics = bv.main(runner.parse_args(bv.Args, argv))
+    folder = runner.run_dir(out, "biomedvr", "synthetic", 2, 1, backbone="tiny")
     record = json.loads((folder / "metrics.json").read_text())
     assert set(record["metrics"]) >= {"test", "gate", "best_test_accuracy_test_selected"}
     assert record["metrics"]["test"]["n"] == 160 and len(record["metrics"]["gate"]) == 2
     assert record["args"]["backbone"] == "tiny" and record["trainable_parameters"] == 2 * 3 * 32 * 32 + 2
-    ckpt = common.load_checkpoint(folder)
+    ckpt = runner.load_checkpoint(folder)
     assert set(ckpt["trainable"]) == {"delta_plus", "delta_minus", "gate"}
     assert set(ckpt) == {"trainable", "args", "epoch", "history", "classnames", "class_text"}  # finished: no optimiser, no RNG
     with pytest.raises(UserError, match="already holds a finished run"):
-        bv.main(common.parse_args(bv.Args, argv))
+        bv.main(runner.parse_args(bv.Args, argv))
     with pytest.raises(SystemExit) as exit_:
-        common.run_cli(bv.main, bv.Args, argv=argv)
+        runner.run_cli(bv.main, bv.Args, argv=argv)
     assert exit_.value.code == 2 and "--overwrite" in capsys.readouterr().err
     checkpoint = (folder / "checkpoint.pt").read_bytes()
-    evaluated = bv.main(common.parse_args(bv.Args, ["--eval-only", str(folder), "--workers", "0"]))
+    evaluated = bv.main(runner.parse_args(bv.Args, ["--eval-only", str(folder), "--workers", "0"]))
     assert evaluated["test"] == metrics["test"] and evaluated["gate"] == metrics["gate"]
     rewritten = json.loads((folder / "metrics.json").read_text())  # --eval-only rewrites metrics.json, as BiomedAP
     assert rewritten["metrics"]["test"] == metrics["test"] and rewritten["evaluated_with"] == {"workers": 0}
@@ -388,7 +389,7 @@ def test_official_dataset_layout_runs_end_to_end(tmp_path):
 def test_a_finished_run_draws_its_programs(tmp_path):
     """programs.png: two rows (delta+, delta-), the frame alone then one training image per class."""
     run(tmp_path, epochs=1)
-    folder = common.run_dir(str(tmp_path / "runs"), "biomedvr", "synthetic", 4, 1, backbone="tiny-clip")
+    folder = runner.run_dir(str(tmp_path / "runs"), "biomedvr", "synthetic", 4, 1, backbone="tiny-clip")
     with Image.open(folder / "programs.png") as picture:
         width, height = picture.size
         pixels = np.asarray(picture.convert("RGB"))

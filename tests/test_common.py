@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import common
+import report
+import runner
 from common import UserError
 
 
@@ -172,29 +174,29 @@ def test_ece_uses_15_equal_width_bins():
 # ------------------------------------------------------------------ arguments, seeding
 @dataclasses.dataclass
 class _Args:
-    dataset: str = common.arg("btmri", "dataset name")
-    shots: int = common.arg(4, "shots per class")
-    lr: float = common.arg(0.0025, "learning rate")
-    variant: str = common.arg("paper", "variant", choices=["paper", "official"])
-    robustness: bool = common.arg(False, "evaluate perturbed prompts")
+    dataset: str = runner.arg("btmri", "dataset name")
+    shots: int = runner.arg(4, "shots per class")
+    lr: float = runner.arg(0.0025, "learning rate")
+    variant: str = runner.arg("paper", "variant", choices=["paper", "official"])
+    robustness: bool = runner.arg(False, "evaluate perturbed prompts")
     layers: list = dataclasses.field(default_factory=lambda: [5, 8], metadata={"help": "fusion layers"})
-    epochs: int | None = common.arg(None, "epochs (None: the dataset's default)")
+    epochs: int | None = runner.arg(None, "epochs (None: the dataset's default)")
 
 
 def test_parse_args_from_dataclass():
-    a = common.parse_args(_Args, ["--shots", "16", "--variant", "official", "--robustness",
+    a = runner.parse_args(_Args, ["--shots", "16", "--variant", "official", "--robustness",
                                   "--layers", "3", "6", "--epochs", "7", "--lr", "0.1"])
     assert (a.shots, a.variant, a.robustness, a.layers, a.epochs, a.lr) == (16, "official", True, [3, 6], 7, 0.1)
-    assert common.parse_args(_Args, []).epochs is None
+    assert runner.parse_args(_Args, []).epochs is None
     with pytest.raises(SystemExit):
-        common.parse_args(_Args, ["--variant", "bogus"])
+        runner.parse_args(_Args, ["--variant", "bogus"])
 
 
 def test_seeding_repeats_numbers():
     common.seed_everything(3)
-    state = common.rng_state()
+    state = runner.rng_state()
     a = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
-    common.set_rng_state(state)
+    runner.set_rng_state(state)
     b = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
     with pytest.raises(UserError, match="bf16 needs a CUDA"):
@@ -203,84 +205,91 @@ def test_seeding_repeats_numbers():
 
 # ------------------------------------------------------------------ run folders, checkpoints, summary
 def test_run_folder_refuses_to_clobber(tmp_path):
-    folder = common.run_dir(str(tmp_path), "m", "btmri", 4, 1)
+    folder = runner.run_dir(str(tmp_path), "m", "btmri", 4, 1)
     assert folder == tmp_path / "m" / "btmri" / "4shot" / "seed1"
-    assert common.run_dir(str(tmp_path), "m", "btmri", 16, 2, "base").name == "seed2"
-    common.prepare_run_dir(folder, overwrite=False, resume=False)
-    common.save_checkpoint(folder / "checkpoint.pt", {"x": torch.ones(2)})
+    assert runner.run_dir(str(tmp_path), "m", "btmri", 16, 2, "base").name == "seed2"
+    runner.prepare_run_dir(folder, overwrite=False, resume=False)
+    runner.save_checkpoint(folder / "checkpoint.pt", {"x": torch.ones(2)})
     with pytest.raises(UserError, match="--resume"):
-        common.prepare_run_dir(folder, overwrite=False, resume=False)
-    common.atomic_write_json(folder / "metrics.json", {"metrics": {}})
+        runner.prepare_run_dir(folder, overwrite=False, resume=False)
+    runner.atomic_write_json(folder / "metrics.json", {"metrics": {}})
     with pytest.raises(UserError, match="--overwrite"):
-        common.prepare_run_dir(folder, overwrite=False, resume=False)
+        runner.prepare_run_dir(folder, overwrite=False, resume=False)
     with pytest.raises(UserError, match="contradict"):
-        common.prepare_run_dir(folder, overwrite=True, resume=True)
+        runner.prepare_run_dir(folder, overwrite=True, resume=True)
     # --overwrite keeps the old run until the new one has a checkpoint, then replaces it whole
     before = (folder / "checkpoint.pt").read_bytes()
-    run = common.prepare_run_dir(folder, overwrite=True, resume=False)
+    run = runner.prepare_run_dir(folder, overwrite=True, resume=False)
     assert (folder / "metrics.json").exists() and (folder / "checkpoint.pt").read_bytes() == before
     run.save_checkpoint({"x": torch.zeros(3)})
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt"]
-    assert torch.equal(common.load_checkpoint(folder)["x"], torch.zeros(3))
+    assert torch.equal(runner.load_checkpoint(folder)["x"], torch.zeros(3))
     assert sorted(p.name for p in folder.parent.iterdir()) == ["seed1"]  # no staging folder left
 
 
 def test_resume_refuses_changes_that_change_the_numbers():
+    """Each field says itself whether it may change on --resume: no shared list names a flag."""
     @dataclasses.dataclass
     class A:
-        shots: int = 4
-        workers: int = 4
-        precision: str = "fp32"
-        device: str = "auto"
-        out: str = "runs"
-        robustness: bool = False
+        shots: int = runner.arg(4, "shots")
+        workers: int = runner.arg(4, "workers", resume_may_differ=True)
+        precision: str = runner.arg("fp32", "precision")
+        device: str = runner.arg("auto", "device", resume_may_differ=True)
+        out: str = runner.arg("runs", "out", resume_may_differ=True)
+        robustness: bool = runner.arg(False, "robustness", resume_may_differ=True)
     saved = dataclasses.asdict(A())
-    common.check_resume(saved, A(device="cpu", out="elsewhere", robustness=True))  # allowed to differ
-    for changed in (A(workers=0), A(precision="bf16"), A(shots=8)):
+    runner.check_resume(saved, A(device="cpu", out="elsewhere", robustness=True, workers=0))  # allowed to differ
+    for changed in (A(precision="bf16"), A(shots=8)):
         with pytest.raises(UserError, match="different settings"):
-            common.check_resume(saved, changed)
+            runner.check_resume(saved, changed)
 
 
-def test_shared_arguments_are_validated():
+def test_arguments_are_validated_by_the_range_each_field_declares():
     @dataclasses.dataclass
     class A:
-        shots: int = 4
-        epochs: object = None
-        batch_size: object = None
-        seed: int = 1
-        workers: int = 0
-    common.validate_args(A())
-    for bad in (A(shots=0), A(shots=-1), A(epochs=0), A(epochs=2.5), A(batch_size=0), A(seed=-3), A(workers=-1)):
+        shots: int = runner.arg(4, "shots", at_least=1)
+        epochs: int = runner.arg(None, "epochs", at_least=1)
+        seed: int = runner.arg(1, "seed", at_least=0)
+        lr: float = runner.arg(0.1, "lr", above=0)
+        momentum: float = runner.arg(0.9, "momentum", at_least=0, below=1)
+        margin: float = runner.arg(0.5, "margin")
+    runner.validate_args(A())
+    runner.validate_args(A(margin=-3.0, momentum=0.0))
+    for bad in (A(shots=0), A(shots=-1), A(epochs=0), A(epochs=2.5), A(seed=-3)):
         with pytest.raises(UserError, match="must be a whole number"):
-            common.validate_args(bad)
+            runner.validate_args(bad)
+    for bad, message in ((A(lr=0.0), "--lr must be a number > 0"), (A(momentum=1.0), "--momentum must be a number >= 0 and < 1"),
+                         (A(margin=float("nan")), "--margin must be a finite number")):
+        with pytest.raises(UserError, match=message):
+            runner.validate_args(bad)
 
 
 def test_finished_checkpoint_keeps_only_what_evaluation_needs(tmp_path):
-    common.save_checkpoint(tmp_path / "checkpoint.pt", {
+    runner.save_checkpoint(tmp_path / "checkpoint.pt", {
         "trainable": {"w": torch.ones(1000)}, "args": {"a": 1}, "epoch": 2, "optimizer": {"m": torch.ones(1000)},
-        "rng": common.rng_state()})
+        "rng": runner.rng_state()})
     full = (tmp_path / "checkpoint.pt").stat().st_size
-    common.finish_checkpoint(tmp_path)
-    slim = common.load_checkpoint(tmp_path)
+    runner.finish_checkpoint(tmp_path)
+    slim = runner.load_checkpoint(tmp_path)
     assert set(slim) == {"trainable", "args", "epoch"} and (tmp_path / "checkpoint.pt").stat().st_size < full / 2
 
 
 def test_checkpoint_round_trip_and_clear_errors(tmp_path):
     state = {"trainable": {"ctx": torch.randn(4, 8)}, "args": {"shots": 4}, "epoch": 3,
-             "rng": common.rng_state()}
-    common.save_checkpoint(tmp_path / "checkpoint.pt", state)
-    back = common.load_checkpoint(tmp_path)
+             "rng": runner.rng_state()}
+    runner.save_checkpoint(tmp_path / "checkpoint.pt", state)
+    back = runner.load_checkpoint(tmp_path)
     assert torch.equal(back["trainable"]["ctx"], state["trainable"]["ctx"]) and back["epoch"] == 3
-    common.set_rng_state(back["rng"])
+    runner.set_rng_state(back["rng"])
     with pytest.raises(UserError, match="no checkpoint"):
-        common.load_checkpoint(tmp_path / "missing")
+        runner.load_checkpoint(tmp_path / "missing")
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     with pytest.raises(UserError, match="corrupt"):
-        common.load_checkpoint(tmp_path / "bad.pt")
+        runner.load_checkpoint(tmp_path / "bad.pt")
 
 
 def _fake_run(root, method, dataset, shots, seed, metrics, suffix=""):
-    common.atomic_write_json(root / method / dataset / f"{shots}shot{suffix}" / f"seed{seed}" / "metrics.json",
+    runner.atomic_write_json(root / method / dataset / f"{shots}shot{suffix}" / f"seed{seed}" / "metrics.json",
                              {"metrics": metrics})
 
 
@@ -292,7 +301,7 @@ def test_summary_tables(tmp_path):
               "_base2novel")
     _fake_run(tmp_path, "m", "busi", 16, 1, {"base": {"accuracy": 50.0}, "novel": {"accuracy": 100.0}},
               "_base2novel")
-    text = common.summarize(tmp_path)
+    text = report.summarize(tmp_path)
     assert "65.00 ± 7.07 (2)" in text                       # btmri: mean and sample std of 60, 70
     assert "77.50 (2 datasets)" in text                     # average over datasets of the means
     assert "| btmri | 16 | 80.00 | 60.00 | 68.57 | 70.00 |" in text   # true HM vs arithmetic mean

@@ -18,6 +18,7 @@ import torch
 import biomedap
 import biomedvr
 import common
+import runner
 import data
 
 DEVICE = os.environ.get("MEDVL_TEST_DEVICE", "cuda")
@@ -52,14 +53,14 @@ LOGIT_TOL = 2e-4
 
 def cli(module, *argv):
     """The method's command line, run in this process (the imports are already paid)."""
-    return module.main(common.parse_args(module.Args, [str(a) for a in argv]))
+    return module.main(runner.parse_args(module.Args, [str(a) for a in argv]))
 
 
 def train(method, out, device, *flags):
     """Train one run on `device`; its run folder (runs/<method>/synthetic/2shot/seed1)."""
     module, method_flags, name = METHODS[method]
     cli(module, *TRAIN, *method_flags, "--device", device, "--out", out, *flags)
-    return common.run_dir(str(out), name, "synthetic", 2, 1, backbone="tiny-clip")
+    return runner.run_dir(str(out), name, "synthetic", 2, 1, backbone="tiny-clip")
 
 
 def recorded(folder):
@@ -88,7 +89,7 @@ def test_trains_end_to_end(tmp_path, method, precision):
     test = record["metrics"]["test"]
     assert test["n"] == TEST_IMAGES and 0 <= test["accuracy"] <= 100
     assert all(math.isfinite(test[k]) for k in ("accuracy", "macro_f1", "balanced_accuracy", "ece"))
-    floats = [t for t in tensors(common.load_checkpoint(folder)) if t.is_floating_point()]
+    floats = [t for t in tensors(runner.load_checkpoint(folder)) if t.is_floating_point()]
     # bf16 autocast computes in bf16 but learns and saves fp32 tensors, and nothing overflowed
     assert floats and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in floats)
 
@@ -200,12 +201,12 @@ def test_full_size_training_step_in_bf16(full_size, monkeypatch, method):
     floor, and inference, on the full-size BiomedCLIP architecture with random weights."""
     monkeypatch.setattr(biomedap, "load_backbone", lambda name, device: full_size)
     monkeypatch.setattr(common, "load_backbone", lambda name, device: full_size)
-    once = common.time_ms
-    monkeypatch.setattr(common, "time_ms", lambda fn, device, warmup, reps: once(fn, device, 0, 1))
+    once = runner.time_ms
+    monkeypatch.setattr(runner, "time_ms", lambda fn, device, warmup, reps: once(fn, device, 0, 1))
     module, flags, _ = METHODS[method]
     report = cli(module, "--benchmark", "--backbone", "biomedclip-random", "--device", DEVICE,
                  "--precision", "bf16", *flags)
-    assert report["precision"] == "bf16" and report["device"] == common.device_name(torch.device(DEVICE))
+    assert report["precision"] == "bf16" and report["device"] == runner.device_name(torch.device(DEVICE))
     assert report["trainable_parameters"] == FULL_SIZE_PARAMETERS[method]
     assert math.isfinite(report["step_ms"]) and report["step_ms"] > 0
     assert report["peak_memory_mb"] > 195.9e6 * 4 / 2**20  # at least the fp32 weights (196 M parameters)

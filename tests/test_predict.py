@@ -8,6 +8,7 @@ import pytest
 import biomedap
 import biomedvr
 import common
+import runner
 import data
 
 METHODS = {"biomedap": biomedap, "biomedvr": biomedvr}
@@ -30,12 +31,12 @@ def test_predict_matches_the_runs_own_evaluation(name, folder, tmp_path, capsys)
     module, out = METHODS[name], tmp_path / "runs"
     argv = ["--dataset", str(folder), "--backbone", "tiny", "--shots", "2", "--epochs", "1", "--workers", "0",
             "--device", "cpu", "--out", str(out)]
-    metrics = common.run_cli(module.main, module.Args, argv=argv)
-    run_dir = common.run_dir(str(out), name, str(folder), 2, 1, backbone="tiny")
+    metrics = runner.run_cli(module.main, module.Args, argv=argv)
+    run_dir = runner.run_dir(str(out), name, str(folder), 2, 1, backbone="tiny")
     test = data.load_splits(str(folder)).test
     capsys.readouterr()
     csv_path = tmp_path / "predictions.csv"
-    rows = common.run_cli(module.main, module.Args, argv=["--predict", str(run_dir), *[t.path for t in test],
+    rows = runner.run_cli(module.main, module.Args, argv=["--predict", str(run_dir), *[t.path for t in test],
                                                             "--predictions", str(csv_path), "--device", "cpu"])
     classnames = data.load_splits(str(folder)).classnames
     confusion = [[0] * len(classnames) for _ in classnames]
@@ -55,14 +56,14 @@ def test_predict_matches_the_runs_own_evaluation(name, folder, tmp_path, capsys)
 
 def test_load_run_is_importable_and_takes_a_folder_of_images(folder, tmp_path):
     out = tmp_path / "runs"
-    common.run_cli(biomedvr.main, biomedvr.Args, argv=[
+    runner.run_cli(biomedvr.main, biomedvr.Args, argv=[
         "--dataset", str(folder), "--backbone", "tiny", "--shots", "2", "--epochs", "1", "--workers", "0",
         "--device", "cpu", "--out", str(out)])
-    predictor = biomedvr.load_run(common.run_dir(str(out), "biomedvr", str(folder), 2, 1, backbone="tiny"))
-    images = common.find_images([folder / "red_disc"])
+    predictor = biomedvr.load_run(runner.run_dir(str(out), "biomedvr", str(folder), 2, 1, backbone="tiny"))
+    images = data.find_images([folder / "red_disc"])
     result = predictor(images)
     assert result["probabilities"].shape == (10, 4) and len(result["positive_expert"]) == 10
     with pytest.raises(common.UserError, match="not written by this method"):
-        biomedap.load_run(common.run_dir(str(out), "biomedvr", str(folder), 2, 1, backbone="tiny"))
+        biomedap.load_run(runner.run_dir(str(out), "biomedvr", str(folder), 2, 1, backbone="tiny"))
     with pytest.raises(common.UserError, match="neither an image file nor a folder"):
-        common.find_images([tmp_path / "missing.png"])
+        data.find_images([tmp_path / "missing.png"])

@@ -14,6 +14,9 @@ import pytest
 import biomedap
 import biomedvr
 import common
+import data
+import report
+import runner
 from common import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,13 +28,13 @@ TINY = ["--dataset", "synthetic", "--backbone", "tiny", "--shots", "2", "--epoch
 def cli(module, argv):
     """run_cli as the command line runs it: the return value, or the exit code on SystemExit."""
     try:
-        return module.__name__, common.run_cli(module.main, module.Args, argv=argv)
+        return module.__name__, runner.run_cli(module.main, module.Args, argv=argv)
     except SystemExit as exit_:
         return module.__name__, exit_.code
 
 
 def folder_of(name, out):
-    return common.run_dir(str(out), name, "synthetic", 2, 1, backbone="tiny")
+    return runner.run_dir(str(out), name, "synthetic", 2, 1, backbone="tiny")
 
 
 def snapshot(folder):
@@ -51,7 +54,7 @@ def test_overwrite_that_fails_to_start_keeps_the_finished_run(name, tmp_path, ca
         assert snapshot(folder) == before  # byte-identical
     assert sorted(p.name for p in folder.parent.iterdir()) == ["seed1"]
     # a finished folder holds the trainable tensors and the arguments, not optimiser or random states
-    assert set(common.load_checkpoint(folder)) <= set(common.FINISHED_CHECKPOINT_KEYS)
+    assert set(runner.load_checkpoint(folder)) <= set(runner.FINISHED_CHECKPOINT_KEYS)
     # an --overwrite that does start replaces the old run
     cli(module, TINY + ["--out", str(out), "--overwrite", "--seed", "1"])
     assert set(snapshot(folder)) == set(before)
@@ -96,7 +99,7 @@ def test_ctrl_c_in_process_keeps_the_last_checkpoint(tmp_path, monkeypatch, caps
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"interrupted during epoch 3; the checkpoint of epoch 2 is kept in {folder_of('biomedvr', tmp_path)}; "
         f"continue with --resume")
-    assert common.load_checkpoint(folder_of("biomedvr", tmp_path))["epoch"] == 2
+    assert runner.load_checkpoint(folder_of("biomedvr", tmp_path))["epoch"] == 2
 
 
 def test_sigint_during_training_exits_130_with_one_line(tmp_path):
@@ -115,7 +118,7 @@ def test_sigint_during_training_exits_130_with_one_line(tmp_path):
     assert "Traceback" not in err and lines[-1].startswith("interrupted during epoch ")
     epoch = int(lines[-1].split()[3].rstrip(";"))
     assert f"the checkpoint of epoch {epoch - 1} is kept" in lines[-1] and lines[-1].endswith("continue with --resume")
-    assert common.load_checkpoint(folder_of("biomedap", tmp_path))["epoch"] == epoch - 1
+    assert runner.load_checkpoint(folder_of("biomedap", tmp_path))["epoch"] == epoch - 1
 
 
 def test_sweep_stops_at_a_setup_error_before_any_job(tmp_path):
@@ -126,7 +129,7 @@ def test_sweep_stops_at_a_setup_error_before_any_job(tmp_path):
     assert done.returncode == 2
     assert done.stderr.count("error: dataset btmri not found") == 1 and "jobs to run" not in done.stderr
     assert not (tmp_path / "runs").exists()
-    ok = subprocess.run([sys.executable, str(REPO / "common.py"), "check", "--datasets", "synthetic", "--backbone",
+    ok = subprocess.run([sys.executable, str(REPO / "biomedvr.py"), "--check-setup", "synthetic", "--backbone",
                          "tiny"], capture_output=True, text=True, env=env, timeout=120)
     assert ok.returncode == 0 and "setup ok" in ok.stderr
 
@@ -138,17 +141,17 @@ def test_more_shots_than_a_class_has_warns_and_records_the_real_counts(name, tmp
             "--device", "cpu", "--out", str(tmp_path)]
     cli(module, argv)
     assert "warning: 40 shots asked" in capsys.readouterr().err
-    record = __import__("json").loads((common.run_dir(str(tmp_path), name, "synthetic", 40, 1, backbone="tiny") / "metrics.json")
+    record = __import__("json").loads((runner.run_dir(str(tmp_path), name, "synthetic", 40, 1, backbone="tiny") / "metrics.json")
                                       .read_text())
     assert record["shots_per_class"] == {c: 32 for c in __import__("data").SYNTHETIC_LOOKS}
 
 
 def test_dataset_names_in_any_case_share_one_run_folder(tmp_path, monkeypatch):
     for spelling in ("BUSI", "Busi", "busi"):
-        assert common.run_dir("runs", "m", spelling, 4, 1) == Path("runs/m/busi/4shot/seed1")
+        assert runner.run_dir("runs", "m", spelling, 4, 1) == Path("runs/m/busi/4shot/seed1")
     (tmp_path / "my_folder").mkdir()
     monkeypatch.chdir(tmp_path / "my_folder")
-    assert common.run_dir("runs", "m", ".", 4, 1) == common.run_dir("runs", "m", "../my_folder/", 4, 1) \
+    assert runner.run_dir("runs", "m", ".", 4, 1) == runner.run_dir("runs", "m", "../my_folder/", 4, 1) \
         == Path("runs/m/my_folder/4shot/seed1")
 
 
@@ -156,14 +159,14 @@ def test_dataset_names_in_any_case_share_one_run_folder(tmp_path, monkeypatch):
 def test_a_bad_command_line_is_one_line(argv, capsys):
     for module in METHODS.values():
         with pytest.raises(SystemExit) as exit_:
-            common.parse_args(module.Args, argv)
+            runner.parse_args(module.Args, argv)
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.startswith("error: argument ") and err.count("\n") == 1
 
 
 def test_summarize_refuses_a_folder_that_does_not_exist(tmp_path):
     with pytest.raises(common.UserError, match="is not a folder"):
-        common.summarize(tmp_path / "missing")
+        report.summarize(tmp_path / "missing")
     assert not (tmp_path / "missing").exists()
 
 
@@ -181,13 +184,13 @@ def test_settings_that_cannot_train_are_refused_before_loading(name, bad, messag
 
 
 def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
-    first = common.prepare_run_dir(tmp_path / "run", overwrite=False, resume=False)
+    first = runner.prepare_run_dir(tmp_path / "run", overwrite=False, resume=False)
     with pytest.raises(UserError, match="another run is writing to"):
-        common.prepare_run_dir(tmp_path / "run", overwrite=False, resume=False)
+        runner.prepare_run_dir(tmp_path / "run", overwrite=False, resume=False)
     del first
     import gc
     gc.collect()  # the lock goes with its process (here: with the object)
-    common.prepare_run_dir(tmp_path / "run", overwrite=False, resume=False)
+    runner.prepare_run_dir(tmp_path / "run", overwrite=False, resume=False)
 
 
 def test_predict_uses_the_runs_own_class_text_and_path(tmp_path, capsys):
@@ -205,8 +208,8 @@ def test_predict_uses_the_runs_own_class_text_and_path(tmp_path, capsys):
         cli(biomedvr, ["--dataset", ".", *TINY[2:], "--out", str(tmp_path / "runs")])
     finally:
         os.chdir(REPO)
-    run_dir = common.run_dir(str(tmp_path / "runs"), "biomedvr", str(folder), 2, 1, backbone="tiny")
-    assert common.load_checkpoint(run_dir)["args"]["dataset"] == str(folder.resolve())
+    run_dir = runner.run_dir(str(tmp_path / "runs"), "biomedvr", str(folder), 2, 1, backbone="tiny")
+    assert runner.load_checkpoint(run_dir)["args"]["dataset"] == str(folder.resolve())
     image = tmp_path / "one.png"
     shutil.copy(folder / "red disc" / "0.png", image)
     before = cli(biomedvr, ["--predict", str(run_dir), str(image), "--device", "cpu"])[1]
@@ -227,10 +230,10 @@ def test_a_folder_with_one_class_is_refused(tmp_path):
 def test_predictions_into_a_folder_and_wrong_shaped_summaries(tmp_path, capsys):
     args = biomedvr.Args(predict=[str(tmp_path), "x.png"], predictions=str(tmp_path))
     with pytest.raises(UserError, match="is a folder"):
-        common.predict_cli(args, biomedvr.load_run)
+        runner.predict_cli(args, biomedvr.load_run)
     for i, content in enumerate(([1, 2], {"args": {}, "metrics": {}}, {"metrics": {"test": {"accuracy": 50.0}}})):
-        common.atomic_write_json(tmp_path / "m" / "busi" / "4shot" / f"seed{i + 1}" / "metrics.json", content)
-    text = common.summarize(tmp_path)
+        runner.atomic_write_json(tmp_path / "m" / "busi" / "4shot" / f"seed{i + 1}" / "metrics.json", content)
+    text = report.summarize(tmp_path)
     assert "50.00 ± 0.00 (1)" in text and capsys.readouterr().err.count("not a readable metrics.json") == 2
 
 

@@ -11,6 +11,9 @@ import pytest
 import biomedap
 import biomedvr
 import common
+import zeroshot
+import report
+import runner
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = "btmri busi chmnist covid ctkidney dermamnist kneexray kvasir lungcolon octmnist retina".split()
@@ -27,11 +30,11 @@ def run_sh(*args, env=None):
 def parse_job(line):
     """A job line 'python METHOD.py FLAGS' -> (module, Args), parsed by the method's own CLI."""
     argv = shlex.split(line)
-    assert argv[0] in ("python", "python3") and (argv[1] in METHODS or argv[1:3] == ["common.py", "zeroshot"]), line
-    if argv[1] == "common.py":
-        return common, common.parse_args(common.ZeroShotArgs, argv[3:])
+    assert argv[0] in ("python", "python3") and (argv[1] in METHODS or argv[1] == "zeroshot.py"), line
+    if argv[1] == "zeroshot.py":
+        return zeroshot, runner.parse_args(zeroshot.Args, argv[2:])
     module = METHODS[argv[1]]
-    return module, common.parse_args(module.Args, argv[2:])
+    return module, runner.parse_args(module.Args, argv[2:])
 
 
 def test_tables_dry_run_lists_exactly_the_published_runs():
@@ -59,7 +62,7 @@ def test_biomedvr_table_uses_the_released_anchor_and_flags_still_override():
 
 def test_sweep_skips_finished_runs_and_resumes_unfinished(tmp_path):
     done = tmp_path / "biomedap" / "btmri" / "4shot" / "seed1"
-    common.atomic_write_json(done / "metrics.json", {"metrics": {"test": {"accuracy": 50.0}}})
+    runner.atomic_write_json(done / "metrics.json", {"metrics": {"test": {"accuracy": 50.0}}})
     half = tmp_path / "biomedap" / "btmri" / "4shot" / "seed2"
     half.mkdir(parents=True)
     (half / "checkpoint.pt").write_bytes(b"")
@@ -84,8 +87,8 @@ def test_smoke_jobs_end_to_end(tmp_path, monkeypatch):
         module, args = parse_job(line)
         assert args.dataset == "synthetic" and args.backbone in ("tiny", "tiny-clip")
         args.workers = 0
-        (common.zeroshot if module is common else module.main)(args)
-    text = common.summarize(tmp_path)
+        module.main(args)
+    text = report.summarize(tmp_path)
     for backbone in ("tiny", "tiny-clip"):
         for method in ("biomedap", "biomedvr"):  # the K=0 column is the zero-shot run's
             match = re.search(rf"## {backbone}/{method}: few-shot.*?\| synthetic \| ([\d.]+) \| ([\d.]+) ± [\d.]+ "
@@ -114,14 +117,14 @@ def test_every_readme_command_is_accepted(line):
             jobs = run_sh("--dry-run", *[a for a in argv[2:] if a != "--dry-run"], env={"OUT": "/nonexistent"})
             assert jobs
             for job in jobs:
-                if shlex.split(job)[1:3] == ["common.py", "zeroshot"]:
-                    common.parse_args(common.ZeroShotArgs, shlex.split(job)[3:])
+                if shlex.split(job)[1] == "zeroshot.py":
+                    runner.parse_args(zeroshot.Args, shlex.split(job)[2:])
                 else:
                     parse_job(job)
-    elif argv[:3] == ["python", "common.py", "zeroshot"]:
-        common.parse_args(common.ZeroShotArgs, argv[3:])
-    elif argv[:2] == ["python", "common.py"]:
-        assert argv[2] == "summarize"
+    elif argv[:2] == ["python", "zeroshot.py"]:
+        runner.parse_args(zeroshot.Args, argv[2:])
+    elif argv[:2] == ["python", "report.py"]:
+        assert len(argv) <= 3
     else:
         assert argv[0] in ("pip", "python", "python3", "hf", "sbatch", "parallel"), line
 
@@ -130,16 +133,16 @@ def test_sweeps_keep_backbones_and_variants_apart(tmp_path):
     """A finished BiomedCLIP run with the paper's anchor is not mistaken for a CLIP run or for a
     run of the released Table-1 anchor: each has its own folder, which the sweep checks."""
     env = {"OUT": str(tmp_path)}
-    common.atomic_write_json(tmp_path / "biomedvr" / "btmri" / "16shot" / "seed1" / "metrics.json", {"metrics": {}})
+    runner.atomic_write_json(tmp_path / "biomedvr" / "btmri" / "16shot" / "seed1" / "metrics.json", {"metrics": {}})
     assert run_sh("fewshot", "biomedvr", "btmri", "16", "1", "--dry-run", env=env) == []
     clip = [parse_job(line)[1] for line in run_sh("fewshot", "biomedvr", "btmri", "16", "1", "--dry-run", "--",
                                                    "--backbone", "clip", env=env)]
     assert [(a.dataset, a.backbone) for a in clip] == [("btmri", "clip")]
-    assert common.run_dir(str(tmp_path), "biomedvr", "btmri", 16, 1, backbone="clip") == \
+    assert runner.run_dir(str(tmp_path), "biomedvr", "btmri", 16, 1, backbone="clip") == \
         tmp_path / "clip" / "biomedvr" / "btmri" / "16shot" / "seed1"
     table = [parse_job(line)[1] for line in run_sh("tables", "biomedvr", "--dry-run", env=env)]
     assert ("btmri", 1) in {(a.dataset, a.seed) for a in table} and {a.cs_anchor for a in table} == {"fused"}
-    common.atomic_write_json(tmp_path / "biomedvr-fused" / "btmri" / "16shot" / "seed1" / "metrics.json", {})
+    runner.atomic_write_json(tmp_path / "biomedvr-fused" / "btmri" / "16shot" / "seed1" / "metrics.json", {})
     table = [parse_job(line)[1] for line in run_sh("tables", "biomedvr", "--dry-run", env=env)]
     assert ("btmri", 1) not in {(a.dataset, a.seed) for a in table} and len(table) == 32
 
@@ -150,8 +153,8 @@ def test_sweeps_skip_finished_runs_of_your_own_folder(tmp_path):
     own.mkdir(parents=True)
     env = {"OUT": str(tmp_path / "runs")}
     assert len(run_sh("fewshot", "biomedvr", str(own), "2", "1", "--dry-run", env=env)) == 1
-    common.atomic_write_json(common.run_dir(str(tmp_path / "runs"), "biomedvr", str(own), 2, 1) / "metrics.json", {})
+    runner.atomic_write_json(runner.run_dir(str(tmp_path / "runs"), "biomedvr", str(own), 2, 1) / "metrics.json", {})
     assert run_sh("fewshot", "biomedvr", str(own), "2", "1", "--dry-run", env=env) == []
     assert run_sh("fewshot", "biomedvr", "BTMRI", "2", "1", "--dry-run", env=env) != []
-    common.atomic_write_json(common.run_dir(str(tmp_path / "runs"), "biomedvr", "BTMRI", 2, 1) / "metrics.json", {})
+    runner.atomic_write_json(runner.run_dir(str(tmp_path / "runs"), "biomedvr", "BTMRI", 2, 1) / "metrics.json", {})
     assert run_sh("fewshot", "biomedvr", "BTMRI", "2", "1", "--dry-run", env=env) == []
