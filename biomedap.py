@@ -64,7 +64,6 @@ Deviations (from the paper, the official code, or both):
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -99,25 +98,19 @@ N_PROMPTS = {"all": 40, "base": 50}  # expert descriptions per class in the high
 REFERENCE_DEPTH, REFERENCE_FUSION = 12, (5, 8)  # the paper's blocks 5 and 8 of a 12-block ViT
 
 
-@dataclass
-class Args:
-    dataset: str = arg("btmri", "benchmark name (btmri, busi, ...), synthetic, or your own folder of class sub-folders")
-    root: str = arg("data", "folder holding the benchmark datasets", metavar="DIR", resume_may_differ=True,
-                    eval_option=True)
-    download: bool = arg(False, "fetch a missing benchmark dataset from the Hugging Face hub",
-                         resume_may_differ=True, eval_option=True)
+@dataclasses.dataclass
+class Args(runner.RunArgs):  # + the run flags (--eval-only, --resume, --device, --out, ...)
+    dataset: str = arg("btmri", "benchmark (btmri, busi, ...), synthetic, or your own folder of class sub-folders")
     shots: int = arg(16, "K labelled training images per class", at_least=1)
     seed: int = arg(1, "seed of the few-shot subset, the initialisation and the data order", at_least=0)
     subsample: str = arg("all", "all: few-shot on every class; base: train on base classes, test base and novel",
                          ["all", "base"])
-    backbone: str = arg("biomedclip", "frozen backbone: biomedclip, clip, hf-hub:ORG/REPO, local-dir:PATH, tiny, ...")
+    backbone: str = arg("biomedclip", "frozen backbone: biomedclip, clip, hf-hub:ORG/REPO, local-dir:PATH, tiny")
     # the method (official configs/trainers/BiomedAP defaults)
     variant: str = arg("paper", "paper: the method as published; official: the released code's behaviour",
                        ["paper", "official"])
-    n_ctx: int = arg(None, "M learned context tokens; none: official per-dataset value, else all ctx_init tokens",
-                     at_least=1)
-    n_prompts: int = arg(None, "expert descriptions per class in the high anchor; none: 40 few-shot, 50 b2n",
-                         at_least=1)
+    n_ctx: int = arg(None, "M context tokens; none: official per-dataset value, else all ctx_init tokens", at_least=1)
+    n_prompts: int = arg(None, "expert descriptions per class in the high anchor; none: 40, b2n 50", at_least=1)
     prompt_tokens: int = arg(4, "P visual prompt tokens (official 4)", at_least=1)
     fusion_layers: list = list_arg(int, "blocks that get the gated fusion (0-based); none given: 5 and 8 of 12, "
                                         "scaled to the depth", metavar="BLOCK")
@@ -144,28 +137,6 @@ class Args:
                              resume_may_differ=True, eval_option=True)
     robustness: bool = arg(False, "also evaluate under prompt perturbations (see the docstring)",
                            resume_may_differ=True, eval_option=True)
-    # running
-    eval_only: str = arg("", "evaluate a finished run (evaluation flags given here win); rewrite its metrics.json",
-                         metavar="RUN_DIR", resume_may_differ=True)
-    predict: list = list_arg(str, "classify new images (files or folders) with a finished run (top 3 classes "
-                                  "per image)", nargs="+", metavar=("RUN_DIR", "IMAGE"), resume_may_differ=True)
-    predictions: str = arg("", "with --predict: also write one CSV row per image to this file", metavar="CSV",
-                           resume_may_differ=True)
-    check_setup: list = list_arg(str, "check a sweep's setup (these flags, the backbone, each dataset and its "
-                                      "class text) and exit", metavar="DATASET", resume_may_differ=True)
-    resume: bool = arg(False, "continue an interrupted run from its checkpoint", resume_may_differ=True)
-    overwrite: bool = arg(False, "replace the run in its folder (the old one stays until the new one has a "
-                          "checkpoint)", resume_may_differ=True)
-    stop_after_epoch: int = arg(0, "testing: stop after this epoch, leaving only the checkpoint", at_least=0,
-                                resume_may_differ=True, hidden=True)
-    device: str = arg("auto", "auto, cpu, cuda or cuda:N (the numbers agree to float rounding)",
-                      resume_may_differ=True, eval_option=True)
-    precision: str = arg("fp32", "fp32, or bf16 autocast on CUDA", ["fp32", "bf16"], eval_option=True)
-    workers: int = arg(runner.default_workers(), "data loader processes (the numbers do not depend on it)",
-                       at_least=0, resume_may_differ=True, eval_option=True)
-    benchmark: bool = arg(False, "time a training step and evaluation against the bare frozen towers; print JSON",
-                          resume_may_differ=True)
-    out: str = arg("runs", "folder of run folders", metavar="DIR", resume_may_differ=True)
 
 
 # --------------------------------------------------------------------------- text prompt learner
@@ -622,9 +593,8 @@ def load_run(run_dir, device="cpu", backbone=None):
     """A finished run as a `runner.Predictor`: `load_run(RUN_DIR)(images)` gives each image's class
     probabilities. Needs the run folder, the backbone and the class text only."""
     ckpt, args = runner.load_finished_run(run_dir, Args)
-    classnames = ckpt["classnames"]
+    classnames, text = ckpt["classnames"], ckpt["class_text"]  # the run's own: its dataset may have moved
     backbone = backbone or common.load_backbone(args.backbone, device)
-    text = ckpt["class_text"]  # the run's own: the dataset folder may have moved or changed since
     cfg = resolve(args, args.dataset, backbone, text["ctx_init"])
     if ckpt["epoch"] < cfg["epochs"]:
         raise UserError(f"{run_dir} is unfinished (epoch {ckpt['epoch']} of {cfg['epochs']}): finish it with --resume")
@@ -684,8 +654,6 @@ def benchmark(args):
 
 
 def main(args):
-    if args.check_setup:
-        return runner.check_setup(args)
     if args.benchmark:
         return benchmark(args)
     if args.eval_only:

@@ -79,23 +79,19 @@ import common
 import data
 import runner
 from common import UserError
-from runner import arg, list_arg
+from runner import arg
 
 ATTRIBUTE_SETS = ("descriptions", "distinctive", "confusions")  # Des, Dist, Conf
 
 
 @dataclass
-class Args:
-    dataset: str = arg("btmri", "benchmark name (btmri, busi, ...), synthetic, or your own folder of class sub-folders")
-    root: str = arg("data", "folder holding the benchmark datasets", metavar="DIR", resume_may_differ=True,
-                    eval_option=True)
-    download: bool = arg(False, "fetch a missing benchmark dataset from the Hugging Face hub",
-                         resume_may_differ=True, eval_option=True)
+class Args(runner.RunArgs):  # + the run flags (--eval-only, --resume, --device, --out, ...)
+    dataset: str = arg("btmri", "benchmark (btmri, busi, ...), synthetic, or your own folder of class sub-folders")
     shots: int = arg(16, "K labelled training images per class", at_least=1)
     seed: int = arg(1, "seed of the few-shot subset, the initialisation and the data order", at_least=0)
     subsample: str = arg("all", "all: few-shot on every class; base: train on base classes, test base and novel",
                          ["all", "base"])
-    backbone: str = arg("biomedclip", "frozen backbone: biomedclip, clip, hf-hub:ORG/REPO, local-dir:PATH, tiny, ...")
+    backbone: str = arg("biomedclip", "frozen backbone: biomedclip, clip, hf-hub:ORG/REPO, local-dir:PATH, tiny")
     # the method (paper Table 1 / released Table-1 script defaults)
     frame: int = arg(None, "w: width of the learnable padding frame in pixels; none = 16/224 of the "
                      "input size (official: 16 at 224)", at_least=1)
@@ -115,28 +111,6 @@ class Args:
     # evaluation
     eval_every: int = arg(0, "also evaluate the test set every N epochs (0: only at the end); "
                           "the best of these is reported as test-selected", at_least=0, resume_may_differ=True)
-    # running
-    eval_only: str = arg("", "evaluate a finished run (evaluation flags given here win); rewrite its metrics.json",
-                         metavar="RUN_DIR", resume_may_differ=True)
-    predict: list = list_arg(str, "classify new images (files or folders) with a finished run (top 3 classes "
-                                  "per image)", nargs="+", metavar=("RUN_DIR", "IMAGE"), resume_may_differ=True)
-    predictions: str = arg("", "with --predict: also write one CSV row per image to this file", metavar="CSV",
-                           resume_may_differ=True)
-    check_setup: list = list_arg(str, "check a sweep's setup (these flags, the backbone, each dataset and its "
-                                      "class text) and exit", metavar="DATASET", resume_may_differ=True)
-    resume: bool = arg(False, "continue an interrupted run from its checkpoint", resume_may_differ=True)
-    overwrite: bool = arg(False, "replace the run in its folder (the old one stays until the new one has a "
-                          "checkpoint)", resume_may_differ=True)
-    stop_after_epoch: int = arg(0, "testing: stop after this epoch, leaving only the checkpoint", at_least=0,
-                                resume_may_differ=True, hidden=True)
-    device: str = arg("auto", "auto, cpu, cuda or cuda:N (the numbers agree to float rounding)",
-                      resume_may_differ=True, eval_option=True)
-    precision: str = arg("fp32", "fp32, or bf16 autocast on CUDA", ["fp32", "bf16"], eval_option=True)
-    workers: int = arg(runner.default_workers(), "data loader processes (the numbers do not depend on it)",
-                       at_least=0, resume_may_differ=True, eval_option=True)
-    benchmark: bool = arg(False, "time a training step and evaluation against the bare frozen towers; print JSON",
-                          resume_may_differ=True)
-    out: str = arg("runs", "folder of run folders", metavar="DIR", resume_may_differ=True)
 
 
 # --------------------------------------------------------------------------- text side
@@ -479,8 +453,6 @@ def benchmark(args):
 
 
 def main(args):
-    if args.check_setup:
-        return runner.check_setup(args)
     if args.benchmark:
         return benchmark(args)
     if args.eval_only:

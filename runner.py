@@ -67,6 +67,35 @@ def default_workers() -> int:
     return min(4, usable)
 
 
+@dataclasses.dataclass
+class RunArgs:
+    """The run machinery's flags, shared by both methods (so their help is identical): where the data
+    is, what to do with a run, how to run it. A method's `Args` subclasses this and adds the
+    experiment and its own knobs, listed first in --help."""
+    root: str = arg("data", "folder holding the benchmark datasets", metavar="DIR", resume_may_differ=True,
+                    eval_option=True)
+    download: bool = arg(False, "fetch a missing benchmark dataset", resume_may_differ=True, eval_option=True)
+    eval_only: str = arg("", "evaluate a finished run; rewrite its metrics.json", metavar="RUN_DIR",
+                         resume_may_differ=True)
+    predict: list = list_arg(str, "classify images or folders with a finished run", nargs="+",
+                             metavar=("RUN_DIR", "IMAGE"), resume_may_differ=True)
+    predictions: str = arg("", "with --predict: also write a CSV row per image", metavar="CSV",
+                           resume_may_differ=True)
+    check_setup: list = list_arg(str, "check a sweep's setup for these datasets, then exit", metavar="DATASET",
+                                 resume_may_differ=True)
+    resume: bool = arg(False, "continue an interrupted run from its checkpoint", resume_may_differ=True)
+    overwrite: bool = arg(False, "replace the run in its folder once the new one has a checkpoint",
+                          resume_may_differ=True)
+    stop_after_epoch: int = arg(0, "testing: stop after this epoch", at_least=0, resume_may_differ=True, hidden=True)
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N", resume_may_differ=True, eval_option=True)
+    precision: str = arg("fp32", "fp32, or bf16 autocast on CUDA", ["fp32", "bf16"], eval_option=True)
+    workers: int = arg(default_workers(), "data loader processes (the numbers do not depend on it)", at_least=0,
+                       resume_may_differ=True, eval_option=True)
+    benchmark: bool = arg(False, "time a training step and evaluation against the bare towers; print JSON",
+                          resume_may_differ=True)
+    out: str = arg("runs", "folder of run folders", metavar="DIR", resume_may_differ=True)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that answers a bad command line with one line (not the whole usage) and exit 2."""
 
@@ -88,7 +117,8 @@ def build_parser(args_cls, description: str = "", prog=None) -> argparse.Argumen
     """argparse from a dataclass: field `foo_bar` becomes `--foo-bar`; a bool (off by default)
     becomes a switch; list fields take several values; fields defaulting to None accept `none`."""
     parser = OneLineParser(prog=prog, description=description, formatter_class=HelpFormatter)
-    for f in dataclasses.fields(args_cls):
+    run_flags = {f.name for f in dataclasses.fields(RunArgs)}
+    for f in sorted(dataclasses.fields(args_cls), key=lambda f: f.name in run_flags):  # the method's own first
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         help_ = argparse.SUPPRESS if meta.get("hidden") else meta.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -524,11 +554,11 @@ def plot_confusion(metrics: dict, path: Path, classnames=None):
 
 
 def run_cli(main, args_cls, description: str = "", argv=None):
-    """Parse the arguments, run `main(args)`; a UserError becomes one line and exit 2, Ctrl-C one
-    line and exit 130 (the shell's code for SIGINT)."""
+    """Parse the arguments, run `main(args)` (or, with --check-setup, only `check_setup`); a
+    UserError becomes one line and exit 2, Ctrl-C one line and exit 130 (the shell's code for SIGINT)."""
     args = parse_args(args_cls, argv, description)
     try:
-        return main(args)
+        return check_setup(args) if getattr(args, "check_setup", None) else main(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

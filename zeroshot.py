@@ -88,8 +88,6 @@ def folder_of(args) -> Path:
 
 
 def main(args: Args) -> dict:
-    if args.check_setup:
-        return runner.check_setup(args)
     runner.validate_args(args)
     folder = folder_of(args)
     if (folder / "metrics.json").exists() and not args.overwrite:

@@ -61,7 +61,7 @@ def test_overwrite_that_fails_to_start_keeps_the_finished_run(name, tmp_path, ca
 
 
 @pytest.mark.parametrize("name", METHODS)
-@pytest.mark.parametrize("change", [["--workers", "1"], ["--precision", "bf16"], ["--shots", "2", "--seed", "1",
+@pytest.mark.parametrize("change", [["--batch-size", "2"], ["--precision", "bf16"], ["--shots", "2", "--seed", "1",
                                                                                    "--epochs", "3"]])
 def test_resume_refuses_every_change_that_changes_the_numbers(name, change, tmp_path, capsys):
     module, out = METHODS[name], tmp_path / "runs"
