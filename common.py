@@ -154,33 +154,138 @@ def load_backbone(name: str = "biomedclip", device="cpu") -> Backbone:
         model, tokenizer, size, mean, std = _build_random(name)
     elif full.startswith("local-dir:"):
         model, tokenizer, size, mean, std = _load_local_dir(Path(full[len("local-dir:"):]))
-    else:
-        logging.disable(logging.ERROR)  # open_clip logs each failure; ours is the one line below
-        try:
-            if full.startswith("hf-hub:"):
-                model, tokenizer = open_clip.create_model(full), open_clip.get_tokenizer(full)
-            elif ":" in full:
-                arch, tag = full.split(":", 1)
-                model, tokenizer = open_clip.create_model(arch, pretrained=tag), open_clip.get_tokenizer(arch)
-            else:
-                raise UserError(f"unknown backbone '{name}': use biomedclip, clip, "
-                                f"{', '.join(RANDOM_BACKBONES)}, hf-hub:ORG/REPO, local-dir:PATH "
-                                f"or an open_clip MODEL:PRETRAINED name")
-        except UserError:
-            raise
-        except Exception as e:  # network, missing weights, unknown tag: one line, with the way out
-            raise UserError(
-                f"could not load backbone '{full}' ({one_line(e)}). Without access to the Hugging Face hub, "
-                f"download the model repository's files into a folder (open_clip_config.json, "
-                f"open_clip_pytorch_model.bin, and for BiomedCLIP the text model's config.json and "
-                f"vocab.txt) and pass --backbone local-dir:FOLDER") from None
-        finally:
-            logging.disable(logging.NOTSET)
+    elif ":" in full:  # hf-hub:ORG/REPO or MODEL:PRETRAINED
+        model, tokenizer = _load_open_clip(name, full)
         cfg = open_clip.get_model_preprocess_cfg(model)
         size, mean, std = cfg.get("size", 224), cfg.get("mean", OPENAI_MEAN), cfg.get("std", OPENAI_STD)
+    else:
+        raise UserError(f"unknown backbone '{name}': use biomedclip, clip, "
+                        f"{', '.join(RANDOM_BACKBONES)}, hf-hub:ORG/REPO, local-dir:PATH "
+                        f"or an open_clip MODEL:PRETRAINED name")
     size = size[0] if isinstance(size, (tuple, list)) else size
     kind = _tower_kind(model)
     return Backbone(model.to(device), tokenizer, name, kind, size, mean, std)
+
+
+def _load_open_clip(name, full):
+    """A hub model (hf-hub:ORG/REPO) or an open_clip built-in name and tag (MODEL:PRETRAINED,
+    whose weights open_clip also takes from the hub). When the hub cannot be reached the load
+    runs offline from the Hugging Face cache: cached files load, missing ones fail at once with
+    the way to get them, instead of after half a minute of the hub library's retries."""
+    import open_clip
+    from huggingface_hub import constants
+
+    if full.startswith("hf-hub:"):
+        repo = full[len("hf-hub:"):]
+        needed = [("open_clip_config.json",), ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")]
+    else:
+        arch, tag = full.split(":", 1)
+        repo, weights = os.path.split(open_clip.get_pretrained_cfg(arch, tag).get("hf_hub", ""))
+        # open_clip looks for a .safetensors copy of the weights file first
+        weights = weights or "open_clip_pytorch_model.bin"
+        safe = "open_clip_model.safetensors" if weights == "open_clip_pytorch_model.bin" else \
+            re.sub(r"\.(bin|pth)$", ".safetensors", weights)
+        needed = [tuple(dict.fromkeys((safe, weights)))]
+    offline_flag = constants.HF_HUB_OFFLINE
+    offline = bool(repo) and (offline_flag or not _hub_reachable())
+    why = "HF_HUB_OFFLINE is set" if offline_flag else "the Hugging Face hub cannot be reached"
+    recipe = _offline_recipe(name, full, repo, needed[-1][0], why)
+    logging.disable(logging.ERROR)  # open_clip logs each failure; ours is the one below
+    try:
+        with _hub_offline(offline):
+            if full.startswith("hf-hub:"):
+                model, tokenizer = open_clip.create_model(full), open_clip.get_tokenizer(full)
+            else:
+                model, tokenizer = open_clip.create_model(arch, pretrained=tag), open_clip.get_tokenizer(arch)
+    except Exception as e:  # missing weights, unknown tag, a file of another repo (a text tower)
+        if offline and _not_in_cache(e):
+            raise UserError(recipe) from None
+        raise UserError(f"could not load backbone '{full}' ({one_line(e)}); a downloaded copy loads "
+                        f"with --backbone local-dir:FOLDER (README, Backbones)") from None
+    finally:
+        logging.disable(logging.NOTSET)
+    # open_clip goes on with random weights when a hub repository's weights file is missing
+    if offline and not all(any(_in_hub_cache(repo, f) for f in group) for group in needed):
+        raise UserError(recipe)
+    return model, tokenizer
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub (HF_ENDPOINT, or the proxy in front of it) opens
+    within `timeout` seconds. It runs in a thread: a stuck DNS lookup ignores socket timeouts."""
+    import socket
+    import threading
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    connected = []
+
+    def connect():
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            connected.append(True)
+        except (OSError, UnicodeError):
+            pass
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(connected)
+
+
+@contextmanager
+def _hub_offline(offline: bool):
+    """huggingface_hub, and transformers through it, read this flag on every request, so
+    setting it for the load makes every file come from the cache, with no retries."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _in_hub_cache(repo: str, filename: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo, filename), str)
+
+
+def _not_in_cache(error: BaseException) -> bool:
+    """Whether a hub file missing from the cache (in offline mode) caused `error`: open_clip
+    and transformers wrap the hub library's error, so we follow the chain of causes."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _offline_recipe(name, full, repo, weights, why) -> str:
+    """Two lines: what failed, and how to get this backbone's files onto a machine without network."""
+    failed = (f"could not load backbone '{name}': {why} and its files are not cached; "
+              f"--backbone tiny tries everything offline")
+    where = f"on a machine with network: hf download {repo}"
+    if full == BIOMEDCLIP:
+        fix = (f"{where} and its text tower (README, Offline BiomedCLIP), "
+               f"then --backbone local-dir:FOLDER or HF_HUB_OFFLINE=1")
+    elif full.startswith("hf-hub:"):
+        fix = f"{where} (or with --local-dir FOLDER), then HF_HUB_OFFLINE=1 (or --backbone local-dir:FOLDER)"
+    else:
+        fix = f"{where} {weights} (into the Hugging Face cache), then HF_HUB_OFFLINE=1"
+    return f"{failed}\n{fix}"
 
 
 def _tower_kind(model) -> str:

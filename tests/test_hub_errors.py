@@ -1,0 +1,133 @@
+"""load_backbone without the Hugging Face hub: it fails within seconds, in at most two short
+lines naming that backbone's files, and files already in the cache load without the hub.
+The hub is made unreachable (or the cache empty) by monkeypatching, so these tests give the
+same answer on a machine with network; the one test of the real probe skips there."""
+import socket
+import time
+
+import huggingface_hub.constants as hub
+import pytest
+import torch
+
+import common
+from common import UserError
+
+RECIPES = {  # backbone -> what its second line must name
+    "biomedclip": ["hf download microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "text tower",
+                   "--backbone local-dir:FOLDER", "HF_HUB_OFFLINE=1"],
+    "clip": ["hf download timm/vit_base_patch16_clip_224.openai open_clip_model.safetensors", "HF_HUB_OFFLINE=1"],
+    "hf-hub:some-org/some-repo": ["hf download some-org/some-repo", "HF_HUB_OFFLINE=1"],
+}
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache and the offline flag off (conftest sets HF_HUB_OFFLINE=1)."""
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    return tmp_path / "hub"
+
+
+def failure_message(name) -> str:
+    start = time.monotonic()
+    with pytest.raises(UserError) as error:
+        common.load_backbone(name)
+    assert time.monotonic() - start < 10
+    assert hub.HF_HUB_OFFLINE is False  # the library's flag is put back as it was
+    return str(error.value)
+
+
+def assert_names_the_recipe(message, name, recipe=None):
+    lines = message.splitlines()
+    assert len(lines) <= 2 and all(len(line) < 200 for line in lines), message
+    assert f"backbone '{name}'" in lines[0] and "--backbone tiny" in message
+    for words in recipe or RECIPES[name]:
+        assert words in lines[-1], message
+    if name != "biomedclip":
+        assert "BiomedCLIP" not in message
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_unreachable_hub_fails_at_once_with_that_backbones_recipe(empty_cache, monkeypatch, name):
+    monkeypatch.setattr(common, "_hub_reachable", lambda timeout=3.0: False)
+    message = failure_message(name)
+    assert "the Hugging Face hub cannot be reached" in message
+    assert_names_the_recipe(message, name)
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_this_machines_hub_really_unreachable(empty_cache, name):
+    if common._hub_reachable():
+        pytest.skip("the Hugging Face hub is reachable from here")
+    message = failure_message(name)
+    assert "the Hugging Face hub cannot be reached" in message
+    assert_names_the_recipe(message, name)
+
+
+def test_hf_hub_offline_is_named_as_the_reason(empty_cache, monkeypatch):
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(common, "_hub_reachable", lambda timeout=3.0: pytest.fail("probed despite HF_HUB_OFFLINE"))
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE is set") as error:
+        common.load_backbone("clip")
+    assert_names_the_recipe(str(error.value), "clip")
+
+
+def cache_repo(cache, repo, files):
+    """A repository in the Hugging Face cache layout: refs/main -> snapshots/<commit>/files."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for filename, write in files.items():
+        write(snapshot / filename)
+    return snapshot
+
+
+def test_cached_hub_model_loads_without_the_hub(empty_cache, monkeypatch, backbones):
+    import json
+
+    from safetensors.torch import save_file
+
+    tiny = backbones("tiny-clip")
+    config = {"model_cfg": {"embed_dim": 32,
+                            "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "patch_size": 8, "head_width": 32},
+                            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 48, "heads": 2, "layers": 2}},
+              "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
+    weights = {k: v.contiguous() for k, v in tiny.model.state_dict().items()}
+    snapshot = cache_repo(empty_cache, "org/tiny-clip", {
+        "open_clip_config.json": lambda path: path.write_text(json.dumps(config)),
+        "open_clip_model.safetensors": lambda path: save_file(weights, str(path))})
+    monkeypatch.setattr(common, "_hub_reachable", lambda timeout=3.0: False)
+
+    start = time.monotonic()
+    bb = common.load_backbone("hf-hub:org/tiny-clip")
+    assert time.monotonic() - start < 10 and hub.HF_HUB_OFFLINE is False
+    assert bb.mean == (0.5, 0.5, 0.5) and bb.image_size == 32
+    ids = tiny.tokenize(["a photo of a lung"])
+    torch.testing.assert_close(bb.encode_text(ids), tiny.encode_text(ids))
+
+    # config cached, weights not: open_clip would go on with random weights; we refuse
+    (snapshot / "open_clip_model.safetensors").unlink()
+    assert_names_the_recipe(failure_message("hf-hub:org/tiny-clip"), "hf-hub:org/tiny-clip",
+                            ["hf download org/tiny-clip", "HF_HUB_OFFLINE=1"])
+
+
+def test_probe_finds_a_listening_hub_or_proxy_and_not_a_closed_port(monkeypatch):
+    for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        monkeypatch.setattr(hub, "ENDPOINT", f"https://127.0.0.1:{port}")
+        assert common._hub_reachable(timeout=2)
+        monkeypatch.setattr(hub, "ENDPOINT", "https://hub.invalid")
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")  # the hub behind a proxy
+        assert common._hub_reachable(timeout=2)
+    monkeypatch.setattr(hub, "ENDPOINT", f"https://127.0.0.1:{port}")  # the port is closed now
+    monkeypatch.delenv("HTTPS_PROXY")
+    start = time.monotonic()
+    assert not common._hub_reachable(timeout=2)
+    assert time.monotonic() - start < 3
