@@ -1,21 +1,14 @@
-"""The frozen backbone and what both methods compute with it: loading (hub, local folders,
-built-ins, small random test models), the seams a prompt method needs inside the towers, text
-features, zero-shot logits, classification metrics, seeding, device and autocast, `UserError`.
-It imports no other file of this project: copy it beside a method file and the method runs.
+"""The frozen backbone and what both methods compute with it: loading, the seams a prompt
+method needs inside the towers, text features, zero-shot logits, classification metrics,
+seeding, device and autocast, `UserError`. It imports no other file of this project.
 
-Backbones (`load_backbone`):
-    biomedclip          hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224
-    clip                OpenAI CLIP ViT-B/16 through open_clip
-    hf-hub:ORG/REPO     any open_clip model on the Hugging Face hub
-    local-dir:PATH      a folder with open_clip_config.json and open_clip_pytorch_model.bin
-                        (for a Hugging Face text tower also its config.json and vocab.txt)
-    MODEL:PRETRAINED    an open_clip built-in name and pretrained tag, e.g. ViT-B-16:openai
-    tiny, tiny-clip     small random models of the two tower families (tests, smoke runs)
-    biomedclip-random   the full-size BiomedCLIP architecture with random weights (benchmarks)
-
-Two tower families are supported, told apart by `Backbone.kind`:
-    "timm-hf"   timm ViT image tower + Hugging Face BERT text tower (BiomedCLIP)
-    "openclip"  open_clip's own ViT and causal text transformer (OpenAI CLIP)
+Backbones (`load_backbone`): biomedclip (hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_
+patch16_224), clip (OpenAI CLIP ViT-B/16), hf-hub:ORG/REPO (any open_clip hub model),
+local-dir:PATH (open_clip_config.json + open_clip_pytorch_model.bin, and for a Hugging Face text
+tower its config.json and vocab.txt), MODEL:PRETRAINED (an open_clip name and tag), and built
+offline with random weights: tiny, tiny-clip (tests, smoke runs), biomedclip-random (benchmarks).
+Two tower families, `Backbone.kind`: "timm-hf" (timm ViT + Hugging Face BERT: BiomedCLIP) and
+"openclip" (open_clip's ViT and causal text transformer: OpenAI CLIP).
 
 Symbols: B batch, C classes, L tokens, N patches, D tower width, E joint embedding width.
 """
@@ -23,6 +16,7 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 import tempfile
 from contextlib import nullcontext
@@ -34,7 +28,7 @@ import torch.nn.functional as F
 
 
 class UserError(Exception):
-    """A problem with the user's input; the CLIs print its message as one line and exit 2."""
+    """A problem with the user's input; the CLIs print its message (one line, at most two) and exit 2."""
 
 
 def one_line(error: BaseException) -> str:
@@ -168,100 +162,45 @@ def load_backbone(name: str = "biomedclip", device="cpu") -> Backbone:
 
 
 def _load_open_clip(name, full):
-    """A hub model (hf-hub:ORG/REPO) or an open_clip built-in name and tag (MODEL:PRETRAINED,
-    whose weights open_clip also takes from the hub). When the hub cannot be reached the load
-    runs offline from the Hugging Face cache: cached files load, missing ones fail at once with
-    the way to get them, instead of after half a minute of the hub library's retries."""
+    """A hub model (hf-hub:ORG/REPO) or an open_clip name and tag (MODEL:PRETRAINED, weights also
+    from the hub). With HF_HUB_OFFLINE set (the CLIs set it when the hub cannot be reached:
+    `runner.offline_unless_reachable`), cached files load and missing ones fail at once with
+    this backbone's recipe, not after the hub library's half-minute of retries."""
     import open_clip
-    from huggingface_hub import constants
+    from huggingface_hub import constants, try_to_load_from_cache
 
     if full.startswith("hf-hub:"):
-        repo = full[len("hf-hub:"):]
-        needed = [("open_clip_config.json",), ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")]
+        repo, weights = full[len("hf-hub:"):], ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
     else:
         arch, tag = full.split(":", 1)
-        repo, weights = os.path.split(open_clip.get_pretrained_cfg(arch, tag).get("hf_hub", ""))
-        # open_clip looks for a .safetensors copy of the weights file first
-        weights = weights or "open_clip_pytorch_model.bin"
-        safe = "open_clip_model.safetensors" if weights == "open_clip_pytorch_model.bin" else \
-            re.sub(r"\.(bin|pth)$", ".safetensors", weights)
-        needed = [tuple(dict.fromkeys((safe, weights)))]
-    offline_flag = constants.HF_HUB_OFFLINE
-    offline = bool(repo) and (offline_flag or not _hub_reachable())
-    why = "HF_HUB_OFFLINE is set" if offline_flag else "the Hugging Face hub cannot be reached"
-    recipe = _offline_recipe(name, full, repo, needed[-1][0], why)
+        repo, file = os.path.split(open_clip.get_pretrained_cfg(arch, tag).get("hf_hub", ""))
+        file = file or "open_clip_pytorch_model.bin"  # open_clip tries a .safetensors copy first
+        safe = "open_clip_model.safetensors" if file == "open_clip_pytorch_model.bin" else \
+            re.sub(r"\.(bin|pth)$", ".safetensors", file)
+        weights = tuple(dict.fromkeys((safe, file)))
+    offline = bool(repo) and constants.HF_HUB_OFFLINE
     logging.disable(logging.ERROR)  # open_clip logs each failure; ours is the one below
     try:
-        with _hub_offline(offline):
-            if full.startswith("hf-hub:"):
-                model, tokenizer = open_clip.create_model(full), open_clip.get_tokenizer(full)
-            else:
-                model, tokenizer = open_clip.create_model(arch, pretrained=tag), open_clip.get_tokenizer(arch)
+        if full.startswith("hf-hub:"):
+            model, tokenizer = open_clip.create_model(full), open_clip.get_tokenizer(full)
+        else:
+            model, tokenizer = open_clip.create_model(arch, pretrained=tag), open_clip.get_tokenizer(arch)
     except Exception as e:  # missing weights, unknown tag, a file of another repo (a text tower)
         if offline and _not_in_cache(e):
-            raise UserError(recipe) from None
+            raise UserError(_offline_recipe(name, full, repo, weights[0])) from None
         raise UserError(f"could not load backbone '{full}' ({one_line(e)}); a downloaded copy loads "
                         f"with --backbone local-dir:FOLDER (README, Backbones)") from None
     finally:
         logging.disable(logging.NOTSET)
     # open_clip goes on with random weights when a hub repository's weights file is missing
-    if offline and not all(any(_in_hub_cache(repo, f) for f in group) for group in needed):
-        raise UserError(recipe)
+    if offline and not any(isinstance(try_to_load_from_cache(repo, f), str) for f in weights):
+        raise UserError(_offline_recipe(name, full, repo, weights[0]))
     return model, tokenizer
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the hub (HF_ENDPOINT, or the proxy in front of it) opens
-    within `timeout` seconds. It runs in a thread: a stuck DNS lookup ignores socket timeouts."""
-    import socket
-    import threading
-    import urllib.request
-    from urllib.parse import urlsplit
-
-    from huggingface_hub import constants
-
-    url = urlsplit(constants.ENDPOINT)
-    proxy = urllib.request.getproxies().get(url.scheme)
-    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
-        url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
-    connected = []
-
-    def connect():
-        try:
-            socket.create_connection(address, timeout=timeout).close()
-            connected.append(True)
-        except (OSError, UnicodeError):
-            pass
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(connected)
-
-
-@contextmanager
-def _hub_offline(offline: bool):
-    """huggingface_hub, and transformers through it, read this flag on every request, so
-    setting it for the load makes every file come from the cache, with no retries."""
-    from huggingface_hub import constants
-
-    saved = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = saved or offline
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = saved
-
-
-def _in_hub_cache(repo: str, filename: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(repo, filename), str)
-
-
 def _not_in_cache(error: BaseException) -> bool:
-    """Whether a hub file missing from the cache (in offline mode) caused `error`: open_clip
-    and transformers wrap the hub library's error, so we follow the chain of causes."""
+    """Whether a hub file missing from the offline cache caused `error` (open_clip and
+    transformers wrap the hub library's error: follow the chain of causes)."""
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
     seen = set()
@@ -273,14 +212,13 @@ def _not_in_cache(error: BaseException) -> bool:
     return False
 
 
-def _offline_recipe(name, full, repo, weights, why) -> str:
+def _offline_recipe(name, full, repo, weights) -> str:
     """Two lines: what failed, and how to get this backbone's files onto a machine without network."""
-    failed = (f"could not load backbone '{name}': {why} and its files are not cached; "
-              f"--backbone tiny tries everything offline")
+    failed = (f"could not load backbone '{name}': the Hugging Face hub cannot be reached (or HF_HUB_OFFLINE "
+              f"is set) and its files are not cached; --backbone tiny tries everything offline")
     where = f"on a machine with network: hf download {repo}"
     if full == BIOMEDCLIP:
-        fix = (f"{where} and its text tower (README, Offline BiomedCLIP), "
-               f"then --backbone local-dir:FOLDER or HF_HUB_OFFLINE=1")
+        fix = f"{where} and its text tower (README, Offline BiomedCLIP), then --backbone local-dir:FOLDER or HF_HUB_OFFLINE=1"
     elif full.startswith("hf-hub:"):
         fix = f"{where} (or with --local-dir FOLDER), then HF_HUB_OFFLINE=1 (or --backbone local-dir:FOLDER)"
     else:
@@ -502,13 +440,9 @@ def harmonic_mean(a: float, b: float) -> float:
 
 
 if __name__ == "__main__":  # the commands that lived here before this file was split
-    MOVED = {"zeroshot": "zeroshot.py", "summarize": "report.py", "check": None}
-    command = sys.argv[1] if len(sys.argv) > 1 else ""
-    if MOVED.get(command):
-        script = Path(__file__).with_name(MOVED[command])
-        print(f"note: `python common.py {command}` moved to `python {script.name}`; it will be removed in the "
-              f"next release", file=sys.stderr)
-        os.execv(sys.executable, [sys.executable, str(script), *sys.argv[2:]])
-    print("common.py is a library now: use `python zeroshot.py`, `python report.py RUNS_DIR`, or a method "
-          "script's --check-setup", file=sys.stderr)
-    sys.exit(2)
+    moved = {"zeroshot": "zeroshot.py", "summarize": "report.py"}.get(sys.argv[1] if len(sys.argv) > 1 else "")
+    if not moved:
+        sys.exit("common.py is a library: run zeroshot.py, report.py RUNS_DIR, or a method with --check-setup")
+    print(f"note: `python common.py {sys.argv[1]}` moved to `python {moved}`; it goes in the next release",
+          file=sys.stderr)
+    os.execv(sys.executable, [sys.executable, str(Path(__file__).with_name(moved)), *sys.argv[2:]])

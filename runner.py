@@ -20,11 +20,15 @@ import random
 import re
 import resource
 import shutil
+import socket
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -553,11 +557,49 @@ def plot_confusion(metrics: dict, path: Path, classnames=None):
     atomic_write_png(fig, path)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face hub (HF_ENDPOINT, or the proxy in front of it)
+    opens within `timeout` seconds. It runs in a thread: a stuck DNS lookup ignores socket timeouts."""
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    address, connected = (url.hostname, url.port or (443 if url.scheme == "https" else 80)), []
+
+    def connect():
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            connected.append(True)
+        except (OSError, UnicodeError):
+            pass
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(connected)
+
+
+def offline_unless_reachable(backbone: str) -> None:
+    """Before a backbone that comes from the hub loads: when the hub cannot be reached, switch the
+    hub library (and transformers through it) to offline mode for this process, so cached files
+    load and missing ones fail at once with the backbone's recipe (common._load_open_clip)
+    instead of after half a minute of retries."""
+    from huggingface_hub import constants
+
+    full = common.ALIASES.get(backbone, backbone)
+    needs_hub = ":" in full and not full.startswith("local-dir:") and backbone not in common.RANDOM_BACKBONES
+    if needs_hub and not constants.HF_HUB_OFFLINE and not hub_reachable():
+        constants.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"  # for libraries that read the environment, not the constant
+
+
 def run_cli(main, args_cls, description: str = "", argv=None):
     """Parse the arguments, run `main(args)` (or, with --check-setup, only `check_setup`); a
     UserError becomes one line and exit 2, Ctrl-C one line and exit 130 (the shell's code for SIGINT)."""
     args = parse_args(args_cls, argv, description)
     try:
+        offline_unless_reachable(getattr(args, "backbone", ""))
         return check_setup(args) if getattr(args, "check_setup", None) else main(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

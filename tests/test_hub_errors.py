@@ -1,4 +1,5 @@
-"""load_backbone without the Hugging Face hub: it fails within seconds, in at most two short
+"""Loading a backbone as the CLIs do (runner.offline_unless_reachable, then common.load_backbone)
+without the Hugging Face hub: it fails within seconds, in at most two short
 lines naming that backbone's files, and files already in the cache load without the hub.
 The hub is made unreachable (or the cache empty) by monkeypatching, so these tests give the
 same answer on a machine with network; the one test of the real probe skips there."""
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import common
+import runner
 from common import UserError
 
 RECIPES = {  # backbone -> what its second line must name
@@ -22,18 +24,24 @@ RECIPES = {  # backbone -> what its second line must name
 
 @pytest.fixture
 def empty_cache(tmp_path, monkeypatch):
-    """An empty Hugging Face cache and the offline flag off (conftest sets HF_HUB_OFFLINE=1)."""
+    """An empty Hugging Face cache and the offline flag off (conftest sets HF_HUB_OFFLINE=1); both
+    are put back after the test (offline_unless_reachable sets them for the process)."""
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return tmp_path / "hub"
+
+
+def load_as_the_clis_do(name):
+    runner.offline_unless_reachable(name)
+    return common.load_backbone(name)
 
 
 def failure_message(name) -> str:
     start = time.monotonic()
     with pytest.raises(UserError) as error:
-        common.load_backbone(name)
+        load_as_the_clis_do(name)
     assert time.monotonic() - start < 10
-    assert hub.HF_HUB_OFFLINE is False  # the library's flag is put back as it was
     return str(error.value)
 
 
@@ -49,7 +57,7 @@ def assert_names_the_recipe(message, name, recipe=None):
 
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_unreachable_hub_fails_at_once_with_that_backbones_recipe(empty_cache, monkeypatch, name):
-    monkeypatch.setattr(common, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(runner, "hub_reachable", lambda timeout=3.0: False)
     message = failure_message(name)
     assert "the Hugging Face hub cannot be reached" in message
     assert_names_the_recipe(message, name)
@@ -57,7 +65,7 @@ def test_unreachable_hub_fails_at_once_with_that_backbones_recipe(empty_cache, m
 
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_this_machines_hub_really_unreachable(empty_cache, name):
-    if common._hub_reachable():
+    if runner.hub_reachable():
         pytest.skip("the Hugging Face hub is reachable from here")
     message = failure_message(name)
     assert "the Hugging Face hub cannot be reached" in message
@@ -66,9 +74,9 @@ def test_this_machines_hub_really_unreachable(empty_cache, name):
 
 def test_hf_hub_offline_is_named_as_the_reason(empty_cache, monkeypatch):
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(common, "_hub_reachable", lambda timeout=3.0: pytest.fail("probed despite HF_HUB_OFFLINE"))
+    monkeypatch.setattr(runner, "hub_reachable", lambda timeout=3.0: pytest.fail("probed despite HF_HUB_OFFLINE"))
     with pytest.raises(UserError, match="HF_HUB_OFFLINE is set") as error:
-        common.load_backbone("clip")
+        load_as_the_clis_do("clip")
     assert_names_the_recipe(str(error.value), "clip")
 
 
@@ -99,11 +107,11 @@ def test_cached_hub_model_loads_without_the_hub(empty_cache, monkeypatch, backbo
     snapshot = cache_repo(empty_cache, "org/tiny-clip", {
         "open_clip_config.json": lambda path: path.write_text(json.dumps(config)),
         "open_clip_model.safetensors": lambda path: save_file(weights, str(path))})
-    monkeypatch.setattr(common, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(runner, "hub_reachable", lambda timeout=3.0: False)
 
     start = time.monotonic()
-    bb = common.load_backbone("hf-hub:org/tiny-clip")
-    assert time.monotonic() - start < 10 and hub.HF_HUB_OFFLINE is False
+    bb = load_as_the_clis_do("hf-hub:org/tiny-clip")
+    assert time.monotonic() - start < 10
     assert bb.mean == (0.5, 0.5, 0.5) and bb.image_size == 32
     ids = tiny.tokenize(["a photo of a lung"])
     torch.testing.assert_close(bb.encode_text(ids), tiny.encode_text(ids))
@@ -122,12 +130,12 @@ def test_probe_finds_a_listening_hub_or_proxy_and_not_a_closed_port(monkeypatch)
         server.listen()
         port = server.getsockname()[1]
         monkeypatch.setattr(hub, "ENDPOINT", f"https://127.0.0.1:{port}")
-        assert common._hub_reachable(timeout=2)
+        assert runner.hub_reachable(timeout=2)
         monkeypatch.setattr(hub, "ENDPOINT", "https://hub.invalid")
         monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")  # the hub behind a proxy
-        assert common._hub_reachable(timeout=2)
+        assert runner.hub_reachable(timeout=2)
     monkeypatch.setattr(hub, "ENDPOINT", f"https://127.0.0.1:{port}")  # the port is closed now
     monkeypatch.delenv("HTTPS_PROXY")
     start = time.monotonic()
-    assert not common._hub_reachable(timeout=2)
+    assert not runner.hub_reachable(timeout=2)
     assert time.monotonic() - start < 3
