@@ -172,7 +172,7 @@ def test_summarize_refuses_a_folder_that_does_not_exist(tmp_path):
 
 @pytest.mark.parametrize("name,bad,message", [
     ("biomedap", ["--lr", "nan"], "finite"), ("biomedap", ["--alpha", "nan"], "finite"),
-    ("biomedap", ["--lr", "-1"], "--lr must be in"), ("biomedap", ["--fusion-dropout", "2"], "--fusion-dropout"),
+    ("biomedap", ["--lr", "-1"], "--lr must be a number > 0"), ("biomedap", ["--fusion-dropout", "2"], "--fusion-dropout"),
     ("biomedap", ["--n-prompts", "0"], "--n-prompts"), ("biomedap", ["--fusion-heads", "0"], "--fusion-heads"),
     ("biomedvr", ["--gate-init", "inf"], "finite"), ("biomedvr", ["--lr", "nan"], "finite"),
     ("biomedvr", ["--predictions", "x.csv"], "give --predict too")])
