@@ -343,7 +343,8 @@ def training_state(model, args, epoch, optimizer, scheduler, loader, class_text,
     """The checkpoint both methods write after every epoch: all that --resume needs to continue
     with exactly the numbers of an uninterrupted run, and the class names and class text that
     --predict needs (weights_only loadable)."""
-    return {"trainable": trainable_state(model), "args": dataclasses.asdict(args), "epoch": epoch,
+    return {"trainable": trainable_state(model), "args": dataclasses.asdict(args), "script": script_of(type(args)),
+            "epoch": epoch,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
             "loader_generator": loader.generator.get_state(), "history": list(history),
             "classnames": list(class_text["classes"]), "class_text": class_text}
@@ -435,7 +436,7 @@ def write_eval_only(folder, args, metrics: dict, eval_s: float, given: dict, ext
 
 # What evaluation, prediction and summaries need from a finished run: the optimiser and random
 # states are dropped when a run ends (for BiomedAP they double the folder's size).
-FINISHED_CHECKPOINT_KEYS = ("trainable", "args", "epoch", "history", "classnames", "class_text")
+FINISHED_CHECKPOINT_KEYS = ("trainable", "args", "script", "epoch", "history", "classnames", "class_text")
 
 
 def finish_checkpoint(path: Path):
@@ -707,15 +708,27 @@ class Predictor:
         return result
 
 
+def script_of(args_cls) -> str:
+    """The file name of the script whose Args class this is ("biomedap.py"), also when it runs
+    as __main__: a checkpoint records it, so a run is read by the script that wrote it."""
+    return Path(sys.modules[args_cls.__module__].__file__).name
+
+
 def load_finished_run(run_dir, args_cls):
     """The checkpoint and the training arguments of a finished run folder, for evaluation and
-    prediction; refuses a run of the other method or one without its class names."""
+    prediction; refuses a run of the other method (naming the script that reads it) or one
+    without its class names."""
     ckpt = load_checkpoint(run_dir)
     names = {f.name for f in dataclasses.fields(args_cls)}
+    here, written_by = script_of(args_cls), ckpt.get("script")
+    if written_by and written_by != here:
+        raise UserError(f"{run_dir} holds a {written_by[:-3]} run, not a {here[:-3]} one: read it with "
+                        f"python {written_by} (same flags)")
     foreign = sorted(set(ckpt.get("args", {})) - names)
     if "args" not in ckpt or foreign:
-        raise UserError(f"{run_dir} was not written by this method (its arguments include "
-                        f"{', '.join(foreign) or 'nothing'}): use the other method's script")
+        raise UserError(f"{run_dir} was not written by {here} (it has {len(foreign)} setting(s) {here} does "
+                        f"not know, e.g. --{foreign[0].replace('_', '-') if foreign else '?'}): use the script "
+                        f"that trained it")
     if "classnames" not in ckpt or "class_text" not in ckpt:
         raise UserError(f"{run_dir} holds no class names (written by an older version): train it again")
     return ckpt, args_cls(**{k: v for k, v in ckpt["args"].items() if k in names})

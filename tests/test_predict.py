@@ -54,7 +54,7 @@ def test_predict_matches_the_runs_own_evaluation(name, folder, tmp_path, capsys)
         assert written[0]["gate"] == "/".join(f"{g:.3f}" for g in metrics["gate"])
 
 
-def test_load_run_is_importable_and_takes_a_folder_of_images(folder, tmp_path):
+def test_load_run_is_importable_and_takes_a_folder_of_images(folder, tmp_path, capsys):
     out = tmp_path / "runs"
     runner.run_cli(biomedvr.main, biomedvr.Args, argv=[
         "--dataset", str(folder), "--backbone", "tiny", "--shots", "2", "--epochs", "1", "--workers", "0",
@@ -63,7 +63,15 @@ def test_load_run_is_importable_and_takes_a_folder_of_images(folder, tmp_path):
     images = data.find_images([folder / "red_disc"])
     result = predictor(images)
     assert result["probabilities"].shape == (10, 4) and len(result["positive_expert"]) == 10
-    with pytest.raises(common.UserError, match="not written by this method"):
-        biomedap.load_run(runner.run_dir(str(out), "biomedvr", str(folder), 2, 1, backbone="tiny"))
+    run = runner.run_dir(str(out), "biomedvr", str(folder), 2, 1, backbone="tiny")
+    with pytest.raises(common.UserError, match="holds a biomedvr run, not a biomedap one: read it with python biomedvr.py"):
+        biomedap.load_run(run)
+    for argv in (["--eval-only", str(run)], ["--predict", str(run), str(folder / "red_disc")]):
+        with pytest.raises(SystemExit) as stop:
+            runner.run_cli(biomedap.main, biomedap.Args, argv=argv + ["--device", "cpu"])
+        assert stop.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") and "python biomedvr.py" in line and len(line) < 400
+                                 for line in err)
     with pytest.raises(common.UserError, match="neither an image file nor a folder"):
         data.find_images([tmp_path / "missing.png"])
