@@ -442,7 +442,8 @@ def setup(args, device, anchors=True):
     splits = data.load_splits(args.dataset, args.root, args.download, image_size=backbone.image_size)
     splits = data.few_shot_splits(splits, args.shots, args.seed)
     train = data.subsample_classes(splits, args.subsample)
-    text = data.load_class_text(args.dataset, splits.classnames, args.root)
+    text = data.load_class_text(args.dataset, splits.classnames, args.root, method="biomedap")
+    data.check_text_fits(backbone, text, splits.classnames, data.CLASS_TEXT_ENCODES["biomedap"])
     cfg = resolve(args, args.dataset, backbone, text["ctx_init"])
     support = make_eval_loader(train.train, backbone, dataclasses.replace(args, workers=0)) if anchors else None
     model = build_model(backbone, train.classnames, text, cfg, args, device, support)

@@ -298,7 +298,10 @@ def setup(args, device):
     """The frozen backbone, the model for the training classes, the data, the class text."""
     backbone = common.load_backbone(args.backbone, device)
     train, evals = load_data(args, backbone.image_size)
-    class_text = data.load_class_text(args.dataset, train.classnames, args.root)
+    names = list(dict.fromkeys(c for split in evals.values() for c in split.classnames))  # novel ones too
+    class_text = data.load_class_text(args.dataset, names, args.root, method="biomedvr")
+    data.check_text_fits(backbone, class_text, names, data.CLASS_TEXT_ENCODES["biomedvr"])
+    class_text = dict(class_text, classes={c: class_text["classes"][c] for c in train.classnames})
     model = build_model(backbone, class_text, train.classnames, args, device)
     return backbone, model, train, evals, class_text
 
@@ -339,7 +342,7 @@ def evaluate_all(model, backbone, evals, loaders, args, device):
     if args.subsample != "base":
         return {"test": evaluate(model, loaders["test"], args, device), "gate": gate}
     metrics = {"base": evaluate(model, loaders["base"], args, device)}
-    class_text = data.load_class_text(args.dataset, evals["novel"].classnames, args.root)
+    class_text = data.load_class_text(args.dataset, evals["novel"].classnames, args.root, method="biomedvr")
     model.set_attributes(attribute_banks(backbone, class_text, evals["novel"].classnames, args))
     metrics["novel"] = evaluate(model, loaders["novel"], args, device)
     metrics["harmonic_mean"] = common.harmonic_mean(metrics["base"]["accuracy"], metrics["novel"]["accuracy"])

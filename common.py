@@ -944,7 +944,8 @@ def zeroshot(args: ZeroShotArgs) -> dict:
     whose text feature is nearest. Two class features, from one pass over the images:
       test          the dataset's clinical template with the class name ("a MR photo of a
                     glioma tumor in the brain.")
-      descriptions  the normalised mean of the class's expert descriptions (BiomedAP's high anchor)
+      descriptions  the normalised mean of the class's expert descriptions (BiomedAP's high anchor);
+                    skipped, with a line saying so, when a class has none
     Writes OUT/zeroshot/<dataset>/seed1/metrics.json (one seed: nothing here is random)."""
     import data
     from data import ImageDataset, build_transform, load_class_text, load_splits, make_loader
@@ -959,22 +960,29 @@ def zeroshot(args: ZeroShotArgs) -> dict:
     backbone = load_backbone(args.backbone, device)
     splits = load_splits(args.dataset, args.root, args.download, image_size=backbone.image_size)
     names = splits.classnames
-    text = load_class_text(args.dataset, names, args.root)
+    text = load_class_text(args.dataset, names, args.root, method="zeroshot")
+    data.check_text_fits(backbone, text, names, data.CLASS_TEXT_ENCODES["zeroshot"])
     transform = build_transform(backbone.image_size, backbone.mean, backbone.std)
     loader = make_loader(ImageDataset(splits.test, transform), args.batch_size, False, 1, args.workers)
     encode_start = time.perf_counter()
     feats, labels = encode_images(backbone, loader)  # (n, E), (n,)
     encode_s = time.perf_counter() - encode_start
-    template = encode_sentences(backbone, [text["template"].format(c) for c in names])  # (C, E)
-    described = class_centroids(backbone, [text["classes"][c]["descriptions"] for c in names])  # (C, E)
+    scorings = {"test": encode_sentences(backbone, [text["template"].format(c) for c in names])}  # (C, E)
+    undescribed = [c for c in names if not text["classes"][c]["descriptions"]]
+    if undescribed:
+        print(f"skipping the descriptions scoring: {len(undescribed)} class(es) have no descriptions in the "
+              f"class text ({', '.join(undescribed)})", file=sys.stderr)
+    else:
+        scorings["descriptions"] = class_centroids(backbone, [text["classes"][c]["descriptions"] for c in names])
     metrics = {name: classification_metrics(zero_shot_logits(feats, classes, backbone.logit_scale), labels,
                                             len(names))
-               for name, classes in (("test", template), ("descriptions", described))}
+               for name, classes in scorings.items()}
     timings = {"encode_s": encode_s, "total_s": time.perf_counter() - start}
     write_metrics(folder, args, metrics, timings, {"classnames": names}, classnames=names)
     published = PUBLISHED_ZERO_SHOT.get(data.dataset_key(args.dataset))
     print(f"zero-shot {splits.name} ({args.backbone}, {metrics['test']['n']} test images): "
-          f"template {metrics['test']['accuracy']:.2f}, descriptions {metrics['descriptions']['accuracy']:.2f}"
+          f"template {metrics['test']['accuracy']:.2f}"
+          + (f", descriptions {metrics['descriptions']['accuracy']:.2f}" if "descriptions" in metrics else "")
           + (f"; published BiomedCLIP {published:.2f}" if published is not None else "")
           + f" -> {folder / 'metrics.json'}")
     return metrics
@@ -1103,6 +1111,9 @@ def _zero_shot_table(folder, zero, rows):
     for d, seeds in sorted(zero.items()):
         cells = []
         for block in ("test", "descriptions"):
+            if any(block not in r for r in seeds.values()):  # no descriptions scoring: a class had none
+                cells.append("–")
+                continue
             m, s = _mean_std([r[block]["accuracy"] for r in seeds.values()])
             cells.append(f"{m:.2f}")
             rows.append([folder, "zeroshot", "zeroshot", d, 0, "accuracy" if block == "test" else "descriptions_accuracy",
@@ -1432,10 +1443,11 @@ def check_setup(argv=None):
     args_cls = ZeroShotArgs if args.method == "zeroshot" else importlib.import_module(args.method).Args
     run_args = parse_args(args_cls, flags + ["--dataset", args.datasets[0]])
     validate_args(run_args)
-    load_backbone(run_args.backbone, "cpu")
+    backbone = load_backbone(run_args.backbone, "cpu")
     for name in args.datasets:
         splits = data.load_splits(name, run_args.root, run_args.download)
-        data.load_class_text(name, splits.classnames, run_args.root)
+        text = data.load_class_text(name, splits.classnames, run_args.root, method=args.method)
+        data.check_text_fits(backbone, text, splits.classnames, data.CLASS_TEXT_ENCODES[args.method])
     print(f"setup ok: backbone {run_args.backbone}, datasets {' '.join(args.datasets)}", file=sys.stderr)
 
 
