@@ -915,6 +915,11 @@ def load_class_text(dataset: str, classnames: list[str], root: str = "data", met
                                for field in TEXT_FIELDS} for name in classnames}}
 
 
+def _short(name: str) -> str:
+    """A class name for a message: its two ends when it is long (the cut ones differ at the end)."""
+    return name if len(name) <= 60 else f"{name[:28]}...{name[-28:]}"
+
+
 def check_text_fits(backbone, class_text, classnames, fields) -> None:
     """Tokenise every sentence a method encodes (`fields`: "template" for the template with each
     class name, and lists of TEXT_FIELDS) as the text tower will, before any training.
@@ -949,7 +954,7 @@ def check_text_fits(backbone, class_text, classnames, fields) -> None:
         listed = []
         for name, by_field in cuts.items():
             counts = ", ".join(field if field == "template" else f"{field} {len(n)}x" for field, n in by_field.items())
-            listed.append(f"{name} ({counts}, up to {max(max(n) for n in by_field.values())} tokens)")
+            listed.append(f"{_short(name)} ({counts}, up to {max(max(n) for n in by_field.values())} tokens)")
         print(f"warning: class text longer than the text tower's {limit} tokens is cut (the rest is not read) "
               f"in {len(listed)} class(es): {', '.join(listed[:10])}{', ...' if len(listed) > 10 else ''}",
               file=sys.stderr)
@@ -963,17 +968,17 @@ def check_text_fits(backbone, class_text, classnames, fields) -> None:
         return [names for names in by_key.values() if len(names) > 1]
 
     lists = [f for f in fields if f != "template"]
-    problems = [f"classes {', '.join(names)} have the same template prompt after tokenisation "
+    problems = [f"classes {', '.join(map(_short, names))} have the same template prompt after tokenisation "
                 f"({limit} tokens at most): the model cannot tell them apart; shorten or rename them"
                 for names in (same(["template"]) if "template" in fields else [])]
-    problems += [f"classes {', '.join(names)} have the same {' and '.join(lists)} after tokenisation "
+    problems += [f"classes {', '.join(map(_short, names))} have the same {' and '.join(lists)} after tokenisation "
                  f"({limit} tokens at most): the model cannot tell them apart; write each its own"
                  for names in (same(lists) if lists else [])]
     if problems:
         raise UserError("\n".join(problems + [f"{len(problems)} problem(s) in the class text, listed above"]))
     for field in lists if len(lists) > 1 else []:
         for names in same([field]):
-            print(f"warning: classes {', '.join(names)} have the same {field} after tokenisation: those "
+            print(f"warning: classes {', '.join(map(_short, names))} have the same {field} after tokenisation: those "
                   "do not tell them apart", file=sys.stderr)
 
 
