@@ -758,8 +758,8 @@ def validate_class_text(text, source: str, method: str | None = None, classnames
     template, prefix = text.get("template"), None
     if not isinstance(template, str):
         problems.append('"template" must be a string with {} for the class name, e.g. "a photo of a {}."')
-    elif template_problem(template):
-        problems.append(template_problem(template))
+    elif (problem := template_problem(template)):
+        problems.append(problem)
     else:
         prefix = template_prefix(template)
     ctx_init = text.get("ctx_init")
@@ -1005,8 +1005,8 @@ def folder_classnames(folder) -> list[str]:
 def starter_class_text(classnames, template: str = "a photo of a {}.") -> dict:
     """Class text with the template, an empty list per field and class, and a comment saying what
     each command reads: it loads for the zero-shot baseline as it is."""
-    if template_problem(template):
-        raise UserError(template_problem(template))
+    if (problem := template_problem(template)):
+        raise UserError(problem)
     ref = REFERENCE_SENTENCES
     comment = [
         "Class text of this folder. Keys starting with _ are comments; the loader does not read them.",
