@@ -453,7 +453,8 @@ def setup(args, device, anchors=True):
     train = data.subsample_classes(splits, args.subsample)
     evals = {"test": train} if args.subsample == "all" else {"base": train,
                                                              "novel": data.subsample_classes(splits, "novel")}
-    text = data.load_class_text(args.dataset, splits.classnames, args.root)
+    text = data.load_class_text(args.dataset, splits.classnames, args.root, method="biomedap")
+    data.check_text_fits(backbone, text, splits.classnames, data.CLASS_TEXT_ENCODES["biomedap"])
     cfg = resolve(args, args.dataset, backbone, text["ctx_init"])
     support = make_eval_loader(train.train, backbone, dataclasses.replace(args, workers=0)) if anchors else None
     model = build_model(backbone, train.classnames, text, cfg, args, device, support)

@@ -289,7 +289,8 @@ def setup(args, device):
     backbone = common.load_backbone(args.backbone, device)
     train, evals = load_data(args, backbone.image_size)
     everyone = [name for split in evals.values() for name in split.classnames]  # base and novel alike
-    class_text = data.load_class_text(args.dataset, everyone, args.root)
+    class_text = data.load_class_text(args.dataset, everyone, args.root, method="biomedvr")
+    data.check_text_fits(backbone, class_text, everyone, data.CLASS_TEXT_ENCODES["biomedvr"])
     model = build_model(backbone, class_text, train.classnames, args, device)
     cfg = {"frame": frame_width(args, backbone.image_size), "batch_size": batch_size(args)}
     return backbone, model, train, evals, class_text, cfg

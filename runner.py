@@ -777,8 +777,10 @@ def check_setup(args, needs=None) -> None:
     --download), its images open and its class text covers its classes (`needs`: the fields of
     the class text this command uses)."""
     validate_args(args)
-    common.load_backbone(args.backbone, "cpu")
+    backbone = common.load_backbone(args.backbone, "cpu")
+    method = script_of(type(args))[:-3]  # the class text each command reads: data.CLASS_TEXT_ENCODES
     for name in args.check_setup:
         splits = data.load_splits(name, args.root, args.download)
-        data.load_class_text(name, splits.classnames, args.root)
+        text = data.load_class_text(name, splits.classnames, args.root, method=method)
+        data.check_text_fits(backbone, text, splits.classnames, data.CLASS_TEXT_ENCODES[method])
     print(f"setup ok: backbone {args.backbone}, datasets {' '.join(args.check_setup)}", file=sys.stderr)

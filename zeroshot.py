@@ -17,6 +17,7 @@ names) and on the novel classes, with their harmonic mean, as the published base
 Writes OUT/[<backbone>/]zeroshot/<dataset>/seed1/ (base-to-novel: .../0shot_base2novel/seed1/):
 metrics.json and confusion.png (one panel per scoring). One seed: nothing here is random.
 """
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,8 @@ def main(args: Args) -> dict:
     start = time.perf_counter()
     backbone = common.load_backbone(args.backbone, device)
     splits = data.load_splits(args.dataset, args.root, args.download, image_size=backbone.image_size)
-    text = data.load_class_text(args.dataset, splits.classnames, args.root)
+    text = data.load_class_text(args.dataset, splits.classnames, args.root, method="zeroshot")
+    data.check_text_fits(backbone, text, splits.classnames, data.CLASS_TEXT_ENCODES["zeroshot"])
     if args.subsample == "all":
         blocks = {"": splits}
     else:
@@ -109,8 +111,10 @@ def main(args: Args) -> dict:
             metrics[key], classnames[key] = m, split.classnames
     scorings = [k for k in ("photo_template", "clinical_template", "descriptions")
                 if k in metrics or f"{k}_base" in metrics]
-    if "descriptions" not in scorings:
-        print("note: the descriptions scoring is skipped: a class has no descriptions in its class text")
+    undescribed = [c for c in splits.classnames if not text["classes"][c].get("descriptions")]
+    if undescribed:
+        print(f"skipping the descriptions scoring: {len(undescribed)} class(es) have no descriptions in the "
+              f"class text ({', '.join(undescribed)})", file=sys.stderr)
     if args.subsample == "base":
         for name in scorings:
             metrics[f"{name}_hm"] = harmonic_mean(metrics[f"{name}_base"]["accuracy"],
