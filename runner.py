@@ -112,7 +112,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         default = action.default
-        if action.help is argparse.SUPPRESS or default in (None, "", False, []) or action.nargs == 0:
+        says_nothing = default is None or default is False or (isinstance(default, (str, list)) and not default)
+        if action.help is argparse.SUPPRESS or says_nothing or action.nargs == 0:
             return action.help
         return f"{action.help} (default: {default})"
 
@@ -127,8 +128,8 @@ def build_parser(args_cls, description: str = "", prog=None) -> argparse.Argumen
         help_ = argparse.SUPPRESS if meta.get("hidden") else meta.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         common = {"default": default, "help": help_}
-        if meta.get("metavar"):
-            common["metavar"] = meta["metavar"]
+        if meta.get("metavar") or f.type in (int, float):  # N for a whole number, X for a real one
+            common["metavar"] = meta.get("metavar") or ("N" if f.type is int else "X")
         if isinstance(default, bool):
             common.pop("metavar", None)
             parser.add_argument(flag, action="store_true" if not default else argparse.BooleanOptionalAction,

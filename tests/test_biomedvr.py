@@ -330,7 +330,7 @@ def test_cli_writes_metrics_refuses_to_clobber_and_evaluates_only(tmp_path, caps
     assert record["args"]["backbone"] == "tiny" and record["trainable_parameters"] == 2 * 3 * 32 * 32 + 2
     ckpt = runner.load_checkpoint(folder)
     assert set(ckpt["trainable"]) == {"delta_plus", "delta_minus", "gate"}
-    assert set(ckpt) == {"trainable", "args", "epoch", "history", "classnames", "class_text"}  # finished: no optimiser, no RNG
+    assert set(ckpt) == {"trainable", "args", "script", "epoch", "history", "classnames", "class_text"}  # finished: no optimiser, no RNG
     with pytest.raises(UserError, match="already holds a finished run"):
         bv.main(runner.parse_args(bv.Args, argv))
     with pytest.raises(SystemExit) as exit_:
