@@ -10,9 +10,9 @@ import biomedvr
 import common
 import runner
 
-SHARED = ["dataset", "root", "download", "shots", "seed", "subsample", "backbone", "eval_only", "predict",
-          "predictions", "resume", "overwrite", "stop_after_epoch", "device", "precision", "workers", "benchmark",
-          "out"]
+SHARED = ["dataset", "shots", "seed", "subsample", "backbone", "root", "download", "eval_only", "predict",
+          "predictions", "check_setup", "resume", "overwrite", "stop_after_epoch", "device", "precision", "workers",
+          "benchmark", "out"]
 EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+) loss \d+\.\d{4} ce \d+\.\d{4} .*train_acc \d+\.\d{2} lr \S+ .*time \d+\.\ds$")
 
 
