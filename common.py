@@ -781,8 +781,11 @@ def atomic_write_text(path: Path, text: str):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failure: no .tmp is left behind
 
 
 def atomic_write_json(path: Path, obj):
@@ -795,8 +798,11 @@ def save_checkpoint(path: Path, state: dict):
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failure: no .tmp is left behind
 
 
 def load_checkpoint(path) -> dict:
@@ -850,8 +856,11 @@ def atomic_write_png(fig, path: Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failure: no .tmp is left behind
 
 
 def row_normalised(cm):
@@ -1081,9 +1090,12 @@ def summarize(root="runs") -> str:
                 lines.append("")
     text = "\n".join(lines) if runs else f"no finished runs under {root}"
     atomic_write_text(root / "summary.md", text + "\n")
-    with open(root / "summary.csv.tmp", "w", newline="") as f:
-        csv.writer(f).writerows(rows)
-    os.replace(root / "summary.csv.tmp", root / "summary.csv")
+    try:
+        with open(root / "summary.csv.tmp", "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+            csv.writer(f).writerows(rows)
+        os.replace(root / "summary.csv.tmp", root / "summary.csv")
+    finally:
+        (root / "summary.csv.tmp").unlink(missing_ok=True)  # after a failure: no .tmp is left behind
     series = fewshot_series(runs)
     if series:
         plot_fewshot(series, root / "fewshot.png")
@@ -1391,7 +1403,8 @@ def predict_cli(args, load_run, batch_size: int = 32):
         raise UserError("--predict needs the run folder and then at least one image or folder: "
                         "--predict RUN_DIR IMAGE_OR_FOLDER...")
     predictor = load_run(args.predict[0], device=resolve_device(args.device))
-    paths, rows = find_images(args.predict[1:]), []
+    import data
+    paths, rows = data.find_images(args.predict[1:]), []
     for start in range(0, len(paths), batch_size):
         batch = paths[start:start + batch_size]
         out = predictor(batch)
@@ -1399,20 +1412,24 @@ def predict_cli(args, load_run, batch_size: int = 32):
         for i, (path, probs) in enumerate(zip(batch, out["probabilities"])):
             top = probs.topk(min(3, len(probs)))
             extras = {k: out[k][i] for k in extra_keys}
-            print(f"{path}: " + ", ".join(f"{predictor.classnames[c]} {p:.3f}" for p, c in zip(*top)) +
+            print(f"{data.printable(path)}: " +
+                  ", ".join(f"{predictor.classnames[c]} {p:.3f}" for p, c in zip(*top)) +
                   "".join(f"; {k.replace('_', ' ')} {v}" for k, v in extras.items()))
-            rows.append({"path": str(path), "predicted": predictor.classnames[int(top.indices[0])],
+            rows.append({"path": data.printable(path), "predicted": predictor.classnames[int(top.indices[0])],
                          **{f"p({c})": f"{float(p):.6f}" for c, p in zip(predictor.classnames, probs)}, **extras})
     if args.predictions:
         target = Path(args.predictions)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, target)
-        print(f"{len(rows)} predictions -> {target}")
+        try:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)  # after a failure: no .tmp is left behind
+        print(f"{len(rows)} predictions -> {data.printable(target)}")
     return rows
 
 

@@ -299,7 +299,7 @@ def dataset_key(dataset: str) -> str:
     dataset = str(dataset)
     if dataset.lower() == "synthetic" or dataset.lower() in DATASETS:
         return dataset.lower()
-    name = Path(dataset).resolve().name
+    name = printable(Path(dataset).resolve().name)  # run folders and summaries are text
     if not name:
         raise UserError(f"dataset folder {dataset} has no name (the file system root): use a sub-folder")
     return name
