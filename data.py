@@ -178,8 +178,9 @@ def files_under(folder) -> list[Path]:
 
 
 def is_image_file(path) -> bool:
-    """An image by its extension, or a DICOM file by its content (only read when the extension is not known)."""
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS or is_dicom(path)
+    """An image by its extension, or a DICOM file by its content (only read when the extension is not
+    known); a DICOMDIR (a CD's index, no pixels) is not one."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS or (Path(path).name != "DICOMDIR" and is_dicom(path))
 
 
 def find_images(inputs) -> list[Path]:
@@ -612,7 +613,7 @@ def open_image(path, check: bool = False) -> Image.Image:
     MAX_ASPECT:1), or BlankImage when it is one colour after conversion. `check` (the check
     before training) decodes a JPEG at 1/8 scale: every byte is still read, at an 8th of the work.
     """
-    path = str(path)
+    path, drafted = str(path), False
     if is_dicom(path):
         image = open_dicom(path)
     else:
@@ -623,7 +624,7 @@ def open_image(path, check: bool = False) -> Image.Image:
                     opened.verify()  # every chunk's checksum: corruption a decoder may not notice
                     opened = Image.open(path)
                 if opened.format == "JPEG" and check:
-                    opened.draft(opened.mode, (opened.width // 8, opened.height // 8))
+                    drafted = opened.draft(opened.mode, (max(1, opened.width // 8), max(1, opened.height // 8))) is not None
                 image = to_rgb(opened)
         except FileNotFoundError:
             raise UserError(f"image file not found: {path}") from None
@@ -634,7 +635,7 @@ def open_image(path, check: bool = False) -> Image.Image:
             raise UserError(f"cannot read image file {path}: {error}") from None
     lows, highs = zip(*image.getextrema())  # per channel
     if lows == highs:
-        if check and image.format is None and Path(path).suffix.lower() in (".jpg", ".jpeg"):
+        if drafted:
             return open_image(path)  # blank at 1/8 scale: decide at full size
         raise BlankImage(f"image {path} is blank after conversion to RGB: every pixel is {lows}")
     return image

@@ -84,7 +84,8 @@ def test_transparency_is_composited_onto_white_and_wholly_transparent_shows_its_
     assert np.array_equal(np.asarray(data.to_rgb(hidden)), np.asarray(colour.convert("RGB")))
     grey = Image.new("LA", (4, 4), (30, 255))
     grey.putpixel((0, 0), (30, 0))
-    assert data.to_rgb(grey).getpixel((0, 0)) == (255, 255, 255) and data.to_rgb(grey).getpixel((1, 1)) == (30,) * 3
+    shown = data.to_rgb(grey)
+    assert shown.getpixel((0, 0)) == (255, 255, 255) and shown.getpixel((1, 1)) == (30, 30, 30)
     palette = Image.new("P", (4, 4), 1)
     palette.putpalette([10, 20, 30, 200, 0, 0] + [0] * 762)
     palette.putpixel((0, 0), 0)
@@ -278,6 +279,7 @@ def test_dicom_files_without_dcm_name_are_found_by_content(tmp_path, monkeypatch
         shutil.copy(get_testdata_file("MR_small.dcm"), write_dir(folder / "dcm") / name)
     (folder / "dcm" / "IM000002").write_bytes(bare_dicom_bytes())
     (folder / "dcm" / "notes").write_text("not an image, no extension")
+    shutil.copy(Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / "DICOMDIR", folder / "dcm")
     opened = []
     real_open = open
 
