@@ -43,7 +43,7 @@ def write(path, image, **save):
 
 def own_folder(root, counts, size=(16, 12)):
     """Class folders of distinct noise PNGs: {class folder name: count}."""
-    for c, (name, count) in enumerate(counts.items()):
+    for name, count in counts.items():
         for i in range(count):
             write(root / name / f"{i}.png", noise_image(size, seed=zlib.crc32(f"{name}{i}".encode())))
     return root
