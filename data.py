@@ -15,6 +15,7 @@ split file and seed give the same images as the papers.
 
 import argparse
 import colorsys
+import hashlib
 import json
 import math
 import os
@@ -27,7 +28,6 @@ import tempfile
 import unicodedata
 import zipfile
 import zlib
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -35,7 +35,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 import torchvision.transforms as T
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from common import UserError
@@ -73,7 +73,10 @@ CLASSNAMES = {
 HF_REPO = "TahaKoleilat/BiomedCoOp"
 MAX_EXTRACT_BYTES = 50 * 10**9
 SPLIT_NAMES = ("train", "val", "test")
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm"}
+DICOM_EXTENSIONS = {".dcm", ".dicom"}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"} | DICOM_EXTENSIONS
+MAX_ASPECT = 20  # longest side over shortest: beyond it an image is refused (see _check_aspect)
+EXIF_ORIENTATION = 0x0112
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 
 
@@ -119,7 +122,7 @@ def read_split_file(path, image_dir=None) -> dict[str, list[Item]]:
 
     if not isinstance(content, dict) or not all(isinstance(content.get(s), list) for s in SPLIT_NAMES):
         raise wrong('it needs the keys "train", "val" and "test", each a list')
-    parts, names = {}, {}  # names: label -> class name, over all three splits
+    parts, names, owner = {}, {}, {}  # names: label -> class name, over all three splits; owner: path -> split
     for split in SPLIT_NAMES:
         parts[split] = []
         for index, entry in enumerate(content[split]):
@@ -127,10 +130,14 @@ def read_split_file(path, image_dir=None) -> dict[str, list[Item]]:
                   and type(entry[1]) is int and entry[1] >= 0 and isinstance(entry[2], str) and entry[2])
             if not ok:
                 raise wrong(f'"{split}" entry {index} is {json.dumps(entry)[:120]}')
-            relative, label, classname = entry
+            relative, label, classname = entry[0], entry[1], nfc(entry[2])
             if names.setdefault(label, classname) != classname:
                 raise wrong(f'label {label} is called both "{names[label]}" and "{classname}"')
             parts[split].append(Item(os.path.abspath(image_dir / relative), label, classname))
+            other = owner.setdefault(parts[split][-1].path, split)
+            if other != split:
+                raise UserError(f'split file {path} lists {relative} in both "{other}" and "{split}": an image '
+                                "in two splits is tested on what it trained on; keep it in one")
     if not parts["train"] or not parts["test"]:
         raise wrong('"train" and "test" must not be empty')
     if sorted(names) != list(range(len(names))) or len(set(names.values())) != len(names):
@@ -143,6 +150,90 @@ def _classnames(items) -> list[str]:
     return [names[label] for label in sorted(names)]
 
 
+def nfc(name: str) -> str:
+    """One spelling of a class name: macOS writes folder names decomposed (e + combining accent),
+    other systems and editors composed; both must give the same class."""
+    return unicodedata.normalize("NFC", name)
+
+
+def printable(path) -> str:
+    """A path or text that prints and writes as UTF-8: bytes of a file name that are not UTF-8 (which
+    Python keeps as lone surrogates) are shown as \\xNN."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # surrogates that no file name gives
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def files_under(folder) -> list[Path]:
+    """Every file below `folder`, sorted: symbolic links to folders are followed, each real folder
+    once (a link back up would loop forever), and names starting with "." are left out."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        info = os.stat(top)
+        if (info.st_dev, info.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(top, f) for f in files if not f.startswith(".") and os.path.isfile(os.path.join(top, f))]
+    return sorted(found)
+
+
+def is_image_file(path) -> bool:
+    """An image by its extension, or a DICOM file by its content (only read when the extension is not
+    known); a DICOMDIR (a CD's index, no pixels) is not one."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS or (Path(path).name != "DICOMDIR" and is_dicom(path))
+
+
+def find_images(inputs) -> list[Path]:
+    """Image files named on the command line: files as given, folders searched recursively
+    (files_under, is_image_file), in sorted order."""
+    found = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            found += [p for p in files_under(path) if is_image_file(p)]
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UserError(f"{printable(name)} is neither an image file nor a folder")
+    if not found:
+        raise UserError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}, or DICOM by content) in "
+                        f"{' '.join(printable(name) for name in inputs)}")
+    return found
+
+
+def warn_identical_images(parts, source) -> list[tuple[str, str]]:
+    """One warning line when test images have the same bytes as training images (one file saved under
+    two names): the test score then measures memory. Only files whose sizes collide are hashed.
+    Returns the (test, train) pairs."""
+    sizes = {}  # size -> {split: [paths]}
+    for split in ("train", "test"):
+        for path in {item.path for item in parts[split] if not item.path.startswith("synthetic:")}:
+            sizes.setdefault(os.path.getsize(path), {}).setdefault(split, []).append(path)
+    pairs = []
+    for by_split in sizes.values():
+        if len(by_split) == 2:
+            digests = {}
+            for path in sorted(by_split["train"]):
+                with open(path, "rb") as f:
+                    digests.setdefault(hashlib.file_digest(f, "blake2b").digest(), path)
+            for path in sorted(by_split["test"]):
+                with open(path, "rb") as f:
+                    twin = digests.get(hashlib.file_digest(f, "blake2b").digest())
+                if twin is not None:
+                    pairs.append((path, twin))
+    if pairs:
+        pairs.sort()
+        shown = ", ".join(f"{printable(test)} = {printable(train)}" for test, train in pairs[:2])
+        print(f"warning: {len(pairs)} test image(s) of {printable(source)} have the same bytes as a training "
+              f"image, so the test score overrates the model: {shown}{', ...' if len(pairs) > 2 else ''}; "
+              "remove the copies from one side", file=sys.stderr)
+    return pairs
+
+
 def _check_images_exist(parts, source):
     # Checked once up front: a missing test image would otherwise surface only after training.
     missing = [item.path for items in parts.values() for item in items if not os.path.isfile(item.path)]
@@ -151,71 +242,46 @@ def _check_images_exist(parts, source):
                         f"{missing[0]}; fix the split file or the image folder")
 
 
-def image_problem(path: str, decoded: dict | None = None) -> str | None:
-    """Why `path` would not open as an image, or None; far cheaper than decoding every pixel.
+def image_problem(path) -> str | None:
+    """Why `path` would not give a training image, or None: the loader's own decoding (open_image),
+    so the check accepts exactly what training and evaluation read."""
+    problem = _problem(path)
+    return problem and problem[1]
 
-    PNG: every chunk's checksum (catches truncation and corruption). JPEG: a decode at 1/8
-    scale (reads the whole stream). DICOM: the header, and pixel data of the declared size when
-    uncompressed; compressed, one file per kind of compression is decoded, remembered in `decoded`.
-    Others: a full decode.
-    """
+
+def _problem(path):
     if not os.path.isfile(path):
-        return "the file does not exist"
+        return "unreadable", "the file does not exist"
     try:
-        if Path(path).suffix.lower() == ".dcm":
-            return _dicom_problem(path, {} if decoded is None else decoded)
-        with Image.open(path) as image:
-            if image.format == "PNG":
-                image.verify()
-            else:
-                if image.format == "JPEG":
-                    image.draft("L", (1, 1))  # the smallest DCT scale: still every byte, an 8th of the work
-                image.load()
+        open_image(path, check=True)
+    except BlankImage as error:
+        return "blank", str(error)
+    except UserError as error:
+        return "unreadable", str(error)
     except Exception as error:  # any of them would stop training later; report it now
-        return f"{type(error).__name__}: {error}"
-    return None
-
-
-def _dicom_problem(path, decoded):
-    import pydicom  # only needed for .dcm files
-
-    ds = pydicom.dcmread(path)
-    if "PixelData" not in ds:
-        return "it has no pixel data"
-    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    if syntax is not None and syntax.is_compressed:
-        # A decoder reads all files of one compression and bit depth, or none of them.
-        kind = (str(syntax), ds.get("BitsStored"), ds.get("SamplesPerPixel"))
-        if kind not in decoded:
-            try:
-                open_dicom(path)
-                decoded[kind] = None
-            except UserError as error:
-                decoded[kind] = str(error)
-        return decoded[kind]
-    frames = int(ds.get("NumberOfFrames") or 1)
-    size = math.ceil(ds.Rows * ds.Columns * int(ds.get("SamplesPerPixel", 1)) * frames * ds.BitsAllocated / 8)
-    if len(ds.PixelData) < size:
-        return f"its pixel data is truncated ({len(ds.PixelData)} of {size} bytes)"
+        return "unreadable", f"{type(error).__name__}: {' '.join(str(error).split())}"
     return None
 
 
 def check_images_open(items, source) -> None:
-    """Raise UserError naming how many images of `items` would not open, the first and why.
+    """Raise UserError naming how many images of `items` would not open (or open blank), the first and why.
 
-    Run before training so that an unreadable test image fails in seconds, not after hours.
+    Run before training so that an unreadable test image fails in seconds, not after hours. Every
+    image is decoded once (JPEG at 1/8 scale): about one evaluation pass of image reading.
     """
     paths = [item.path for item in items if not item.path.startswith("synthetic:")]
-    decoded = {}
     # Threads: the decoders release the GIL, and on network storage the reads overlap.
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        problems = list(tqdm(pool.map(lambda path: image_problem(path, decoded), paths), total=len(paths),
-                             desc="checking images", leave=False, disable=len(paths) < 5000))
-    failed = [(path, why) for path, why in zip(paths, problems) if why]
-    if failed:
-        path, why = failed[0]
-        raise UserError(f"{len(failed)} of {len(paths)} image file(s) of {source} cannot be opened, the first "
-                        f"is {path}: {why}; fix or remove them before training")
+        problems = list(tqdm(pool.map(_problem, paths), total=len(paths),
+                             desc="checking images", leave=False, disable=len(paths) < 2000))
+    for kind, what, fix in (("unreadable", "cannot be opened", "fix or remove them before training"),
+                            ("blank", "are blank after conversion", "remove them or export them again")):
+        failed = [(path, why) for path, problem in zip(paths, problems) if problem and problem[0] == kind
+                  for why in [problem[1]]]
+        if failed:
+            path, why = failed[0]
+            raise UserError(f"{len(failed)} of {len(paths)} image file(s) of {source} {what}, the first "
+                            f"is {printable(path)}: {printable(why)}; {fix}")
 
 
 # ---------------------------------------------------------------- loading a dataset
@@ -238,7 +304,7 @@ def dataset_key(dataset: str) -> str:
     dataset = str(dataset)
     if dataset.lower() == "synthetic" or dataset.lower() in DATASETS:
         return dataset.lower()
-    name = Path(dataset).resolve().name
+    name = printable(Path(dataset).resolve().name)  # run folders and summaries are text
     if not name:
         raise UserError(f"dataset folder {dataset} has no name (the file system root): use a sub-folder")
     return name
@@ -279,6 +345,7 @@ def _benchmark_splits(name, root, download):
     splits = Splits(**parts, classnames=_classnames(sum(parts.values(), [])), name=name)
     check_every_class_trains(splits, split_path)
     check_images_open(sum(parts.values(), []), split_path)
+    warn_identical_images(parts, split_path)
     return splits
 
 
@@ -294,6 +361,7 @@ def _folder_splits(folder, seed):
                         f"classification needs at least 2 classes, each in its own sub-folder")
     check_every_class_trains(splits, source)
     check_images_open(sum(parts.values(), []), source)
+    warn_identical_images(parts, source)
     return splits
 
 
@@ -307,41 +375,45 @@ def check_every_class_trains(splits: Splits, source) -> None:
 
 
 def _stratified_split(folder, seed):
-    """60/20/20 per class (at least one test image each), seeded; classes in folder-name order."""
+    """60/20/20 per class (at least one test image each), seeded; classes in folder-name order.
+
+    A class is a sub-folder; its images are every file below it (files_under: links followed,
+    hidden names left out) with an image extension or DICOM content. Everything is sorted before
+    the shuffle, so the split does not depend on the order the file system lists files.
+    """
     class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith((".", "__")))
     if not class_dirs:
         raise UserError(f"{folder} has no class sub-folders: put each class's images in "
                         f"{folder}/<class_name>/ (underscores become spaces), or add a split.json")
     owners = {}  # class name -> the folder that gives it
     for class_dir in class_dirs:
-        other = owners.setdefault(class_dir.name.replace("_", " "), class_dir)
+        name = nfc(printable(class_dir.name).replace("_", " "))
+        other = owners.setdefault(name, class_dir)
         if other != class_dir:
-            raise UserError(f"class folders {other} and {class_dir} both give the class name "
-                            f"'{class_dir.name.replace('_', ' ')}' (underscores become spaces): "
+            raise UserError(f"class folders {printable(other)} and {printable(class_dir)} both give the class "
+                            f"name '{name}' (underscores become spaces, accents are compared composed): "
                             "merge or rename one")
     rng = random.Random(seed)
     parts = {split: [] for split in SPLIT_NAMES}
     skipped = []  # files in class folders that are not images; hidden files are left out silently
-    for label, class_dir in enumerate(class_dirs):
-        files = [p for p in class_dir.rglob("*") if p.is_file()
-                 and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)]
-        skipped += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
-        # Sorted before shuffling so the split does not depend on the file system's listing order.
-        images = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS)
+    for label, (name, class_dir) in enumerate(owners.items()):
+        images = []
+        for path in files_under(class_dir):
+            (images if is_image_file(path) else skipped).append(path)
         if len(images) < 2:
-            raise UserError(f"class folder {class_dir} has {len(images)} image(s); each class needs "
+            raise UserError(f"class folder {printable(class_dir)} has {len(images)} image(s); each class needs "
                             "at least 2, one to train on and one to test on")
         rng.shuffle(images)
         n_test, n_val = max(1, len(images) // 5), len(images) // 5
         cuts = {"test": images[:n_test], "val": images[n_test:n_test + n_val],
                 "train": images[n_test + n_val:]}
         for split, paths in cuts.items():
-            parts[split] += [Item(str(p.absolute()), label, class_dir.name.replace("_", " ")) for p in paths]
+            parts[split] += [Item(str(p.absolute()), label, name) for p in paths]
     if skipped:
-        names = ", ".join(str(p.relative_to(folder)) for p in sorted(skipped)[:3])
-        print(f"warning: skipping {len(skipped)} file(s) in the class folders of {folder} that are not images "
-              f"({' '.join(sorted(IMAGE_EXTENSIONS))}): {names}{', ...' if len(skipped) > 3 else ''}",
-              file=sys.stderr)
+        names = ", ".join(printable(p.relative_to(folder)) for p in sorted(skipped)[:3])
+        print(f"warning: skipping {len(skipped)} file(s) in the class folders of {printable(folder)} that are not "
+              f"images ({' '.join(sorted(IMAGE_EXTENSIONS))}, or DICOM by content): "
+              f"{names}{', ...' if len(skipped) > 3 else ''}", file=sys.stderr)
     return parts
 
 
@@ -505,104 +577,248 @@ def subsample_classes(splits: Splits, subsample: str) -> Splits:
 # ---------------------------------------------------------------- images
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """A new RGB image from any PIL mode (grey, palette, alpha, 16-bit, float)."""
+    """A new RGB image from any PIL mode, upright and as an image viewer shows it.
+
+    * EXIF / TIFF Orientation: the pixels are turned the way the tag says (a phone's sideways JPEG).
+    * Transparency (RGBA, LA, PA, P with a transparent colour): composited onto white, the page a
+      browser or document viewer shows behind it; when every pixel is fully transparent the alpha
+      channel is taken for an export mistake and the colour is shown as it is.
+    * 16- and 32-bit integer and float images (I;16, I, F): the image's own finite range,
+      min..max, is stretched to 0..255 (scans rarely fill 16 bits, and convert("RGB") would
+      clip at 255); NaN and -inf become black, +inf white.
+    """
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        # convert("RGB") clips these at 255, and scans rarely fill 16 bits (12 is common):
-        # stretch the image's own range to 8 bits.
         values = np.asarray(image, dtype=np.float64)
-        low, high = values.min(), values.max()
-        scaled = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
+        finite = np.isfinite(values)
+        low, high = (values[finite].min(), values[finite].max()) if finite.any() else (0.0, 0.0)
+        scaled = np.where(values == np.inf, 255.0, 0.0)
+        if high > low:
+            scaled[finite] = (values[finite] - low) * (255 / (high - low))
         return Image.fromarray(scaled.round().astype(np.uint8)).convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float64)  # (H, W, 4)
+        alpha = rgba[..., 3:] / 255
+        if not alpha.any():
+            return Image.fromarray(rgba[..., :3].astype(np.uint8), "RGB")
+        return Image.fromarray((rgba[..., :3] * alpha + 255 * (1 - alpha)).round().astype(np.uint8), "RGB")
     return image.convert("RGB")  # a copy even for RGB, so it outlives the opened file
 
 
-def open_image(path: str) -> Image.Image:
-    if Path(path).suffix.lower() == ".dcm":
-        return open_dicom(path)
+class BlankImage(UserError):
+    """An image that decodes to one colour everywhere: nothing to learn from or to classify."""
+
+
+def open_image(path, check: bool = False) -> Image.Image:
+    """An image file (or DICOM, by name or by content) as an upright 8-bit RGB image.
+
+    Raises UserError naming the file when it cannot be read, is too elongated (over
+    MAX_ASPECT:1), or BlankImage when it is one colour after conversion. `check` (the check
+    before training) decodes a JPEG at 1/8 scale: every byte is still read, at an 8th of the work.
+    """
+    path, drafted = str(path), False
+    if is_dicom(path):
+        image = open_dicom(path)
+    else:
+        try:
+            with Image.open(path) as opened:
+                _check_aspect(path, opened.size)
+                if opened.format == "PNG" and check:
+                    opened.verify()  # every chunk's checksum: corruption a decoder may not notice
+                    opened = Image.open(path)
+                if opened.format == "JPEG" and check:
+                    drafted = opened.draft(opened.mode, (max(1, opened.width // 8), max(1, opened.height // 8))) is not None
+                image = to_rgb(opened)
+        except FileNotFoundError:
+            raise UserError(f"image file not found: {path}") from None
+        except Image.DecompressionBombError as error:
+            raise UserError(f"cannot read image file {path}: {error}; shrink it below "
+                            f"{Image.MAX_IMAGE_PIXELS} pixels first") from None
+        except (OSError, SyntaxError, ValueError, TypeError) as error:
+            raise UserError(f"cannot read image file {path}: {error}") from None
+    lows, highs = zip(*image.getextrema())  # per channel
+    if lows == highs:
+        if drafted:
+            return open_image(path)  # blank at 1/8 scale: decide at full size
+        raise BlankImage(f"image {path} is blank after conversion to RGB: every pixel is {lows}")
+    return image
+
+
+def _check_aspect(path, size):
+    width, height = size
+    if max(width, height) > MAX_ASPECT * max(min(width, height), 1):
+        # Resizing the short side to the model's input would blow the long side up to millions of
+        # pixels (a 1 x 12000 strip: seconds and gigabytes per image).
+        raise UserError(f"image {path} is {width}x{height} pixels, more elongated than {MAX_ASPECT}:1; "
+                        "crop it to the region of interest or leave it out")
+
+
+def is_dicom(path) -> bool:
+    """A .dcm / .dicom name, or a file without a known image extension whose bytes are DICOM:
+    'DICM' after the 128-byte preamble, or a bare data set starting with a group 0002 or 0008
+    element (older files without preamble, e.g. IM000001 on a CD)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in DICOM_EXTENSIONS:
+        return True
+    if suffix in IMAGE_EXTENSIONS:
+        return False
     try:
-        with Image.open(path) as image:
-            return to_rgb(image)
-    except FileNotFoundError:
-        raise UserError(f"image file not found: {path}") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise UserError(f"cannot read image file {path}: {error}") from None
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM" or _bare_dicom(head)
+
+
+def _bare_dicom(head):
+    # Tag (0002,xxxx) or (0008,xxxx) with a small element number, little endian with an explicit VR
+    # (two capital letters) or an implicit 4-byte length, or big endian with an explicit VR.
+    if len(head) < 8:
+        return False
+    explicit = head[4:6].isalpha() and head[4:6].isupper()
+    if head[:2] in (b"\x02\x00", b"\x08\x00") and head[3] == 0:
+        return explicit or int.from_bytes(head[4:8], "little") < 2**16
+    return head[:2] in (b"\x00\x02", b"\x00\x08") and head[2] == 0 and explicit
 
 
 DICOM_DECODERS = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, or pip install python-gdcm"
+# What the display functions read, copied into one flat data set per frame (enhanced files keep
+# them in functional groups, which pydicom's functions do not look into).
+DICOM_DISPLAY_KEYWORDS = ("PhotometricInterpretation", "BitsStored", "PixelRepresentation", "RescaleSlope",
+                          "RescaleIntercept", "ModalityLUTSequence", "WindowCenter", "WindowWidth",
+                          "VOILUTFunction", "VOILUTSequence", "PresentationLUTShape")
 
 
-def _dicom_number(ds, keyword):
-    """The first value of a numeric DICOM attribute (Window Center/Width may list several), or None."""
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    return float(value[0] if isinstance(value, Sequence) else value)
+def _read_dicom(path):
+    import pydicom
 
-
-def open_dicom(path: str) -> Image.Image:
-    """A DICOM file as an 8-bit RGB image, the way a viewer first shows it.
-
-    Grey images: Rescale Slope/Intercept, then the file's first window (Window Center/Width,
-    the DICOM linear function), or the image's own min-max when it has none; MONOCHROME1
-    (white = low) is inverted. A multi-frame file (a volume or a cine loop) gives its middle
-    frame. Windows stored per frame (enhanced multi-frame files) are not read: min-max then.
-    """
-    import pydicom  # only needed for .dcm files
-
-    syntax = None
     try:
-        try:
-            ds = pydicom.dcmread(path)
-        except pydicom.errors.InvalidDicomError:  # no 128-byte preamble: older files often lack it
-            ds = pydicom.dcmread(path, force=True)
-            if "TransferSyntaxUID" not in ds.file_meta:  # then the standard's default encoding
-                ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
-        if "PixelData" not in ds:
+        return pydicom.dcmread(path)
+    except pydicom.errors.InvalidDicomError as error:
+        with open(path, "rb") as f:
+            bare = _bare_dicom(f.read(8))
+        if not bare:
+            raise UserError(f"{path} is not a DICOM file: no 'DICM' marker after a 128-byte preamble and no "
+                            "DICOM data set at its start; export it again, or rename it if it is another "
+                            "kind of image") from error
+    # No 128-byte preamble and no file meta: older files often lack them; the encoding is the one
+    # pydicom found reading the data set.
+    ds = pydicom.dcmread(path, force=True)
+    if "TransferSyntaxUID" not in ds.file_meta:
+        ds.file_meta.TransferSyntaxUID = {
+            (False, True): pydicom.uid.ExplicitVRLittleEndian, (False, False): pydicom.uid.ExplicitVRBigEndian,
+        }.get(tuple(ds.original_encoding), pydicom.uid.ImplicitVRLittleEndian)
+    return ds
+
+
+def open_dicom(path) -> Image.Image:
+    """A DICOM file as an 8-bit RGB image, the way a viewer first shows it, by pydicom's own functions.
+
+    The middle frame of a multi-frame file (a volume or a cine loop). Grey (MONOCHROME1/2):
+    `apply_modality_lut` (Rescale Slope/Intercept or Modality LUT), then `apply_voi_lut` with the
+    first view (VOI LUT Sequence, else Window Center/Width with its LINEAR, LINEAR_EXACT or SIGMOID
+    function; per-frame values of enhanced files are used), whose output range becomes 0..255;
+    without a VOI, or with an invalid one, the frame's own min..max. MONOCHROME1 and Presentation
+    LUT Shape INVERSE are inverted. PALETTE COLOR through `apply_color_lut`; YBR is converted to RGB
+    by pydicom's decoding; colour is scaled from Bits Stored to 8 bits.
+    """
+    import pydicom
+    from pydicom.pixels import apply_color_lut
+
+    path, syntax = str(path), None
+    try:
+        ds = _read_dicom(path)
+        if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
             raise UserError(f"DICOM file {path} holds no image (no Pixel Data element): leave it out")
-        syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-        pixels = ds.pixel_array
-        return _dicom_to_rgb(ds, pixels, path)
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        if "Rows" not in ds or "Columns" not in ds:
+            raise UserError(f"DICOM file {path} has pixel data but no Rows or Columns: its header is damaged, "
+                            "export it again")
+        _check_aspect(path, (int(ds.Columns), int(ds.Rows)))
+        frames = int(ds.get("NumberOfFrames") or 1)
+        index = frames // 2
+        pixels = pydicom.pixels.pixel_array(ds, index=index if frames > 1 else None)
+        interpretation = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+        if interpretation == "PALETTE COLOR":
+            bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+            shown = apply_color_lut(pixels, ds) / (2**bits - 1)
+        elif pixels.ndim == 3:  # (rows, cols, 3): RGB, YBR already converted by pydicom
+            shown = pixels / (2 ** int(ds.get("BitsStored", 8)) - 1)
+        elif interpretation.startswith("MONOCHROME"):
+            shown = _dicom_grey(pixels, _frame_view(ds, index))
+        else:
+            raise UserError(f"DICOM file {path} is {interpretation}, which we do not read: convert it to PNG "
+                            "(MONOCHROME1/2, PALETTE COLOR, RGB and YBR are read)")
+        shown = np.clip(np.nan_to_num(shown, nan=0.0), 0, 1) * 255  # (rows, cols) or (rows, cols, 3)
+        return Image.fromarray(shown.round().astype(np.uint8)).convert("RGB")
     except FileNotFoundError:
         raise UserError(f"image file not found: {path}") from None
-    except (RuntimeError, NotImplementedError) as error:  # pydicom's words for "no decoder for this"
-        reason = " ".join(str(error).split())
-        raise UserError(f"cannot decode DICOM file {path}: its pixel data is "
-                        f"{getattr(syntax, 'name', 'compressed')} ({reason}); install a decoder: "
-                        f"{DICOM_DECODERS}") from None
     except UserError:
         raise
+    except (RuntimeError, NotImplementedError) as error:  # pydicom's words for "no decoder for this"
+        if syntax is not None and syntax.is_compressed:
+            raise UserError(f"cannot decode DICOM file {path}: its pixel data is {syntax.name} "
+                            f"({' '.join(str(error).split())}); install a decoder: {DICOM_DECODERS}") from None
+        raise UserError(f"cannot read DICOM file {path}: {type(error).__name__}: "
+                        f"{' '.join(str(error).split())}") from None
     except Exception as error:  # a damaged file or header: pydicom raises many types for these
-        raise UserError(f"cannot read DICOM file {path}: {type(error).__name__}: {error}") from None
+        if "less than expected" in str(error):
+            raise UserError(f"DICOM file {path} is truncated: {' '.join(str(error).split())}") from None
+        raise UserError(f"cannot read DICOM file {path}: {type(error).__name__}: "
+                        f"{' '.join(str(error).split())}") from None
 
 
-def _dicom_to_rgb(ds, pixels, path):
-    interpretation = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    colour = int(ds.get("SamplesPerPixel", 1)) > 1
-    if pixels.ndim == (3 if colour else 2) + 1:
-        pixels = pixels[len(pixels) // 2]  # (frames, rows, cols[, 3]) -> the middle frame
-    if colour:
-        # pydicom 3 hands colour pixels over as RGB (it converts YBR); only the bit depth is ours.
-        if pixels.dtype != np.uint8:
-            pixels = pixels.astype(np.float64) * (255 / (2 ** int(ds.get("BitsStored", 16)) - 1))
-        return Image.fromarray(pixels.round().astype(np.uint8), "RGB")
-    if not interpretation.startswith("MONOCHROME"):
-        raise UserError(f"DICOM file {path} is {interpretation}, which we do not read: "
-                        "convert it to PNG (grey MONOCHROME1/2 and RGB/YBR colour are read)")
-    slope, intercept = _dicom_number(ds, "RescaleSlope"), _dicom_number(ds, "RescaleIntercept")
-    values = pixels.astype(np.float64) * (1.0 if slope is None else slope) + (intercept or 0.0)
-    center, width = _dicom_number(ds, "WindowCenter"), _dicom_number(ds, "WindowWidth")
-    if center is not None and width is not None and width >= 1:
-        # PS3.3 C.11.2.1.2.1: black up to c - 0.5 - (w - 1) / 2, white from c - 0.5 + (w - 1) / 2.
-        scaled = np.clip((values - (center - 0.5)) / max(width - 1, 1) + 0.5, 0, 1) * 255
+def _frame_view(ds, index):
+    """A data set with the display attributes of frame `index`: the top level, overridden by the
+    shared and then the frame's own functional groups (Pixel Value Transformation, Frame VOI LUT)."""
+    import pydicom
+
+    view = pydicom.Dataset()
+    view.file_meta = ds.file_meta
+    groups = [ds] + [seq[i] for seq, i in ((ds.get("SharedFunctionalGroupsSequence"), 0),
+                                          (ds.get("PerFrameFunctionalGroupsSequence"), index))
+                     if seq and i < len(seq)]
+    for source in groups[:1] + [item for group in groups[1:] for keyword in
+                                ("PixelValueTransformationSequence", "FrameVOILUTSequence")
+                                for item in (group.get(keyword) or [])[:1]]:
+        for keyword in DICOM_DISPLAY_KEYWORDS:
+            value = source.get(keyword)
+            if value is not None and value != "":
+                setattr(view, keyword, value)
+    return view
+
+
+def _dicom_grey(pixels, ds):
+    """Stored values of one grey frame -> [0, 1] after the modality and VOI transforms."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = apply_modality_lut(pixels, ds)
+    lut = ds.get("VOILUTSequence")
+    if lut and "LUTDescriptor" in lut[0] and "LUTData" in lut[0]:
+        # A lookup table indexes by whole numbers; its own output range is what the display spans.
+        first, count = int(lut[0].LUTDescriptor[1]), int(lut[0].LUTDescriptor[0]) or 2**16
+        shown = apply_voi_lut(np.round(values).astype(np.int64), ds)
+        table = apply_voi_lut(np.arange(first, first + count), ds)
+        low, high = float(table.min()), float(table.max())
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        try:
+            shown = apply_voi_lut(values, ds)
+            with np.errstate(over="ignore"):  # the extremes of the sigmoid
+                low, high = apply_voi_lut(np.array([-1e300, 1e300]), ds)
+        except (ValueError, TypeError, IndexError):  # a width < 1, an unknown function: no VOI
+            shown, low, high = values, None, None
     else:
-        low, high = values.min(), values.max()
-        scaled = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
-    if interpretation == "MONOCHROME1":
-        scaled = 255 - scaled
-    return Image.fromarray(scaled.round().astype(np.uint8)).convert("RGB")
+        shown, low, high = values, None, None
+    shown = np.asarray(shown, dtype=np.float64)
+    if low is None:
+        finite = shown[np.isfinite(shown)]
+        low, high = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+    scaled = (shown - low) / (high - low) if high > low else np.zeros_like(shown)
+    # Presentation LUT Shape INVERSE is how MONOCHROME1 files say it again; on MONOCHROME2 it inverts.
+    inverse = (str(ds.get("PhotometricInterpretation")) == "MONOCHROME1"
+               or str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE")
+    return 1 - scaled if inverse else scaled
 
 
 SYNTHETIC_SIZES = {"train": 32, "val": 8, "test": 40}  # images per class
@@ -699,23 +915,6 @@ def make_loader(dataset, batch_size: int, train: bool, seed: int, workers: int =
         drop_last=drop_last and train and len(dataset) >= batch_size,
         num_workers=workers, generator=torch.Generator().manual_seed(seed),
         pin_memory=torch.cuda.is_available())
-
-
-def find_images(inputs) -> list:
-    """Image files named on the command line: files as given, folders searched recursively."""
-    found = []
-    for name in inputs:
-        path = Path(name)
-        if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                            and p.suffix.lower() in IMAGE_EXTENSIONS)
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise UserError(f"{name} is neither an image file nor a folder")
-    if not found:
-        raise UserError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {' '.join(map(str, inputs))}")
-    return found
 
 
 # ---------------------------------------------------------------- class text

@@ -378,7 +378,9 @@ def test_official_dataset_layout_runs_end_to_end(tmp_path):
         for part, count in (("train", 3), ("val", 1), ("test", 2)):
             for i in range(count):
                 rel = f"{name}/{part}_{i}.png"
-                Image.new("L", (40, 36), rng.randrange(256)).save(images / rel)
+                image = Image.new("L", (40, 36), rng.randrange(256))
+                image.putpixel((0, 0), 255 - image.getpixel((1, 1)))  # one colour everywhere is refused
+                image.save(images / rel)
                 split[part].append([rel, label, name])
     (root / "BTMRI" / "split_BTMRI.json").write_text(json.dumps(split))
     metrics = run(tmp_path, dataset="btmri", root=str(root), shots=2, epochs=1)  # text: prompts/btmri.json
