@@ -143,9 +143,12 @@ def summarize(root="runs") -> str:
                 lines.append("")
     text = "\n".join(lines) if runs else f"no finished runs under {root}"
     atomic_write_text(root / "summary.md", text + "\n")
-    with open(root / "summary.csv.tmp", "w", newline="") as f:
-        csv.writer(f).writerows(rows)
-    os.replace(root / "summary.csv.tmp", root / "summary.csv")
+    try:
+        with open(root / "summary.csv.tmp", "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+            csv.writer(f).writerows(rows)
+        os.replace(root / "summary.csv.tmp", root / "summary.csv")
+    finally:
+        (root / "summary.csv.tmp").unlink(missing_ok=True)  # after a failure: no .tmp is left behind
     series = fewshot_series(runs)
     if series:
         plot_fewshot(series, root / "fewshot.png")

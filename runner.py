@@ -453,8 +453,11 @@ def atomic_write_text(path: Path, text: str):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failure: no .tmp is left behind
 
 
 def atomic_write_json(path: Path, obj):
@@ -467,8 +470,11 @@ def save_checkpoint(path: Path, state: dict):
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failure: no .tmp is left behind
 
 
 def load_checkpoint(path) -> dict:
@@ -522,8 +528,11 @@ def atomic_write_png(fig, path: Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failure: no .tmp is left behind
 
 
 def row_normalised(cm):
@@ -754,20 +763,24 @@ def predict_cli(args, load_run, batch_size: int = 32):
         for i, (path, probs) in enumerate(zip(batch, out["probabilities"])):
             top = probs.topk(min(3, len(probs)))
             extras = {k: out[k][i] for k in extra_keys}
-            print(f"{path}: " + ", ".join(f"{predictor.classnames[c]} {p:.3f}" for p, c in zip(*top)) +
+            print(f"{data.printable(path)}: " +
+                  ", ".join(f"{predictor.classnames[c]} {p:.3f}" for p, c in zip(*top)) +
                   "".join(f"; {k.replace('_', ' ')} {v}" for k, v in extras.items()))
-            rows.append({"path": str(path), "predicted": predictor.classnames[int(top.indices[0])],
+            rows.append({"path": data.printable(path), "predicted": predictor.classnames[int(top.indices[0])],
                          **{f"p({c})": f"{float(p):.6f}" for c, p in zip(predictor.classnames, probs)}, **extras})
     if args.predictions:
         target = Path(args.predictions)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, target)
-        print(f"{len(rows)} predictions -> {target}")
+        try:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)  # after a failure: no .tmp is left behind
+        print(f"{len(rows)} predictions -> {data.printable(target)}")
     return rows
 
 

@@ -22,6 +22,7 @@ from pydicom.data import get_testdata_file
 
 import common
 import data
+import runner
 from common import UserError
 
 
@@ -407,7 +408,7 @@ class MeanColour(torch.nn.Module):
 
 
 def predictor(run_dir, device="cpu"):
-    return common.Predictor(MeanColour(), data.build_transform(16), ["light", "dark"], device)
+    return runner.Predictor(MeanColour(), data.build_transform(16), ["light", "dark"], device)
 
 
 def test_a_file_name_that_is_not_utf8_is_predicted_and_written(tmp_path, capsys):
@@ -416,7 +417,7 @@ def test_a_file_name_that_is_not_utf8_is_predicted_and_written(tmp_path, capsys)
     odd = os.fsdecode(os.fsencode(str(images)) + b"/scan_\xff.png")
     noise_image((12, 12)).save(odd)
     target = tmp_path / "out.csv"
-    rows = common.predict_cli(PredictArgs([str(tmp_path), str(images)], str(target)), predictor)
+    rows = runner.predict_cli(PredictArgs([str(tmp_path), str(images)], str(target)), predictor)
     assert len(rows) == 1 and rows[0]["path"].endswith("scan_\\xff.png")
     with open(target, encoding="utf-8") as f:
         assert next(csv.DictReader(f))["path"].endswith("scan_\\xff.png")
@@ -431,12 +432,12 @@ def test_a_failed_write_leaves_no_tmp_file(tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(csv.DictWriter, "writerows", broken)
     with pytest.raises(OSError):
-        common.predict_cli(PredictArgs([str(tmp_path), str(images)], str(tmp_path / "out.csv")), predictor)
+        runner.predict_cli(PredictArgs([str(tmp_path), str(images)], str(tmp_path / "out.csv")), predictor)
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("no rename")))
     with pytest.raises(OSError):
-        common.atomic_write_text(tmp_path / "m.json", "{}")
+        runner.atomic_write_text(tmp_path / "m.json", "{}")
     with pytest.raises(OSError):
-        common.save_checkpoint(tmp_path / "c.pt", {"x": torch.zeros(1)})
+        runner.save_checkpoint(tmp_path / "c.pt", {"x": torch.zeros(1)})
     assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "out.csv").exists()
 
 
