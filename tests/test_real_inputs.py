@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-import common
 import data
 import runner
 from common import UserError

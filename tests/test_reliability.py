@@ -14,7 +14,6 @@ import pytest
 import biomedap
 import biomedvr
 import common
-import data
 import report
 import runner
 from common import UserError

@@ -10,7 +10,6 @@ import pytest
 
 import biomedap
 import biomedvr
-import common
 import zeroshot
 import report
 import runner

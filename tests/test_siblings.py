@@ -7,7 +7,6 @@ import pytest
 
 import biomedap
 import biomedvr
-import common
 import runner
 
 SHARED = ["dataset", "shots", "seed", "subsample", "backbone", "root", "download", "eval_only", "predict",

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 import common
-import data
 import zeroshot
 import runner
 from common import UserError
