@@ -60,6 +60,8 @@ Deviations (from the paper, the official code, or both):
      align 0.1 as in every yaml, epochs 100 / 50, n_ctx = all ctx_init tokens).
  11. Base-to-novel reports the true harmonic mean (the official table's "HM" is arithmetic).
  12. The robustness protocol above is ours: the released code has none.
+ 13. Random draws are not Dassl's (global streams, seeded per worker): each epoch's order and each
+     image's crop follow from (seed, epoch, image index) alone, so `--workers` changes no number.
 """
 import dataclasses
 import math
@@ -143,7 +145,7 @@ class Args:
     stop_after_epoch: int = arg(0, "testing: stop after this epoch, leaving only the checkpoint", hidden=True)
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
     precision: str = arg("fp32", "fp32, or bf16 autocast on CUDA", ["fp32", "bf16"])
-    workers: int = arg(4, "data loader processes (augmentations depend on the count: keep it fixed to repeat a run)")
+    workers: int = arg(4, "data loader processes (speed only: the numbers do not depend on it)")
     benchmark: bool = arg(False, "time a training step and evaluation against the bare frozen towers; print JSON")
     out: str = arg("runs", "folder of run folders")
 
@@ -450,8 +452,8 @@ def setup(args, device, anchors=True):
 
 
 def make_train_loader(train, backbone, args):
-    """CoOp's augmentation (random-resized crop, no flip); the last partial batch is dropped
-    when a full one exists (Dassl)."""
+    """CoOp's augmentation (random-resized crop, no flip), drawn from (seed, epoch, image index);
+    the last partial batch is dropped when a full one exists (Dassl)."""
     transform = data.build_transform(backbone.image_size, backbone.mean, backbone.std, train=True)
     return data.make_loader(data.ImageDataset(train.train, transform), args.batch_size, True, args.seed, args.workers)
 
@@ -667,23 +669,26 @@ def main(args):
     with run.stop_on_ctrl_c():
         for epoch in range(first, last + 1):
             epoch_start = time.perf_counter()
+            loader.sampler.set_epoch(epoch)  # the order and augmentations of this epoch
             stats = train_one_epoch(model, loader, optimizer, scheduler, args, device, cfg["lambda"])
             common.check_finite(stats, epoch)
             print(common.epoch_line(epoch, cfg["epochs"], stats, time.perf_counter() - epoch_start), flush=True)
             run.save_checkpoint(common.training_state(model, args, epoch, optimizer, scheduler, loader, class_text))
-    if last < cfg["epochs"]:
-        print(f"stopped after epoch {last} (--stop-after-epoch); continue with --resume")
-        return None
-    train_s, eval_start = time.perf_counter() - train_start, time.perf_counter()
-    metrics = evaluate_all(model, backbone, splits, train, text, cfg, args, device)
-    timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": time.perf_counter() - eval_start}
-    common.write_metrics(run.path, args, metrics, timings, {
-        "config": cfg, "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "shots_per_class": data.shots_per_class(train)}, classnames_of(splits, train, args))
-    common.finish_checkpoint(run.path)
-    print(common.summary_line(metrics), f"-> {run.path / 'metrics.json'}")
+        if last < cfg["epochs"]:
+            print(f"stopped after epoch {last} (--stop-after-epoch); continue with --resume")
+            return None
+        run.phase = "evaluation"
+        train_s, eval_start = time.perf_counter() - train_start, time.perf_counter()
+        metrics = evaluate_all(model, backbone, splits, train, text, cfg, args, device)
+        timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": time.perf_counter() - eval_start}
+        run.phase = "results"
+        with common.ctrl_c_held():  # metrics.json, the picture and the finished checkpoint, all or none
+            common.write_metrics(run.path, args, metrics, timings, {
+                "config": cfg, "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "shots_per_class": data.shots_per_class(train)}, classnames_of(splits, train, args))
+            common.finish_checkpoint(run.path)
+            print(common.summary_line(metrics), f"-> {run.path / 'metrics.json'}", flush=True)
     return metrics
-
 
 if __name__ == "__main__":
     common.run_cli(main, Args, "BiomedAP: gated cross-modal fusion and dual anchors for prompt learning "

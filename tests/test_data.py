@@ -421,10 +421,11 @@ def test_build_transform_normalises_only_when_asked():
 
 
 def test_loaders_are_seeded_and_drop_last_only_with_a_full_batch():
-    dataset = torch.utils.data.TensorDataset(torch.arange(10), torch.arange(10))
+    items = [data.Item(f"synthetic:train:{i}:8", i, str(i)) for i in range(10)]
+    dataset = data.ImageDataset(items, lambda image: 0)
 
     def order(loader):
-        return torch.cat([x for x, _ in loader]).tolist()
+        return torch.cat([labels for _, labels in loader]).tolist()
 
     first = order(data.make_loader(dataset, 4, train=True, seed=1))
     assert first == order(data.make_loader(dataset, 4, train=True, seed=1))
