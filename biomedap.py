@@ -672,8 +672,8 @@ def main(args):
             loader.sampler.set_epoch(epoch)  # the order and augmentations of this epoch
             stats = train_one_epoch(model, loader, optimizer, scheduler, args, device, cfg["lambda"])
             common.check_finite(stats, epoch)
-            print(common.epoch_line(epoch, cfg["epochs"], stats, time.perf_counter() - epoch_start), flush=True)
             run.save_checkpoint(common.training_state(model, args, epoch, optimizer, scheduler, loader, class_text))
+            print(common.epoch_line(epoch, cfg["epochs"], stats, time.perf_counter() - epoch_start), flush=True)
         if last < cfg["epochs"]:
             print(f"stopped after epoch {last} (--stop-after-epoch); continue with --resume")
             return None

@@ -494,9 +494,9 @@ def main(args):
                 history.append({"epoch": epoch, "test_accuracy": accuracy})
                 extra += f" test_acc {accuracy:.2f}"
             common.check_finite(stats, epoch)
-            print(common.epoch_line(epoch, args.epochs, stats, time.perf_counter() - epoch_start, extra), flush=True)
             run.save_checkpoint(common.training_state(model, args, epoch, optimizer, scheduler, loader,
                                                       class_text, history))
+            print(common.epoch_line(epoch, args.epochs, stats, time.perf_counter() - epoch_start, extra), flush=True)
         if last < args.epochs:
             print(f"stopped after epoch {last} (--stop-after-epoch); continue with --resume")
             return None

@@ -552,21 +552,25 @@ class RunFolder:
     def save_checkpoint(self, state: dict):
         """Write the checkpoint; the first one of an --overwrite run then takes the old run's place.
         Ctrl-C waits until it is written (and the folders are swapped)."""
-        with ctrl_c_held():
-            if self.staging is None:
-                save_checkpoint(self.path / "checkpoint.pt", state)
-            else:
-                save_checkpoint(self.staging / "checkpoint.pt", state)
-                replaced = self.path.with_name(self.path.name + ".replaced")
-                shutil.rmtree(replaced, ignore_errors=True)
-                os.replace(self.path, replaced)      # two renames: the old run is never deleted before
-                os.replace(self.staging, self.path)  # the new one is in place, and the gap is microseconds
-                shutil.rmtree(replaced)
-                self.staging = None
-            self.saved_epoch = state.get("epoch")
+        try:
+            with ctrl_c_held():
+                if self.staging is None:
+                    save_checkpoint(self.path / "checkpoint.pt", state)
+                else:
+                    save_checkpoint(self.staging / "checkpoint.pt", state)
+                    replaced = self.path.with_name(self.path.name + ".replaced")
+                    shutil.rmtree(replaced, ignore_errors=True)
+                    os.replace(self.path, replaced)      # two renames: the old run is never deleted before
+                    os.replace(self.staging, self.path)  # the new one is in place, and the gap is microseconds
+                    shutil.rmtree(replaced)
+                    self.staging = None
+                self.saved_epoch = state.get("epoch")
+        except KeyboardInterrupt:
+            self.phase = "saved"  # the Ctrl-C came while this epoch's checkpoint was written
+            raise
 
     saved_epoch = 0  # the epoch of the checkpoint on disk: set by each save, and on resume
-    phase = "training"  # what the run is doing after training: "evaluation", then "results"
+    phase = "training"  # or "saved" (Ctrl-C held by a checkpoint's write), "evaluation", "results"
 
     @contextmanager
     def stop_on_ctrl_c(self):
@@ -579,6 +583,9 @@ class RunFolder:
             epoch = self.saved_epoch + 1
             if self.phase == "results":
                 message = f"interrupted while the results were written; they were completed first in {self.path}"
+            elif self.phase == "saved":
+                message = (f"interrupted after epoch {self.saved_epoch}; its checkpoint is kept in {self.path}; "
+                           f"continue with --resume")
             elif self.phase == "evaluation":
                 message = (f"interrupted during evaluation; the checkpoint of epoch {self.saved_epoch} (the last) "
                            f"is kept in {self.path}; evaluate it with --resume")
