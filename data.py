@@ -12,6 +12,7 @@ split file and seed give the same images as the papers.
 """
 
 import colorsys
+import contextlib
 import hashlib
 import json
 import math
@@ -349,16 +350,22 @@ def download_dataset(name: str, root) -> Path:
     """Fetch `<DIR>.zip` from the Hugging Face hub and unpack it as `<root>/<DIR>`; returns that folder.
 
     Processes that start it at once (the seeds of a sweep) take turns on `<root>/.<DIR>.lock`:
-    the first downloads, the others wait and then find the dataset in place.
+    the first downloads, the others wait and then find the dataset in place. The lock file is
+    removed when the download ends, whether it succeeded or failed.
     """
-    import fcntl  # POSIX (Linux, macOS)
+    import filelock  # a dependency of huggingface_hub; slow to import, only needed here
 
     Path(root).mkdir(parents=True, exist_ok=True)
     # Held over the check, the download and the rename, so no process ever sees another's
-    # half-made target or renames onto it. The lock file stays: removing it would race.
-    with open(Path(root) / f".{DATASETS[name]}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        return _download_locked(name, root)
+    # half-made target or renames onto it. The file is removed while the lock is held: filelock
+    # notices when the file it locked was removed meanwhile and locks the new one instead.
+    path = Path(root) / f".{DATASETS[name]}.lock"
+    with filelock.FileLock(path):
+        try:
+            return _download_locked(name, root)
+        finally:
+            with contextlib.suppress(OSError):  # Windows removes it itself, once released
+                path.unlink()
 
 
 def _download_locked(name, root):
