@@ -60,6 +60,8 @@ Deviations (from the paper, the official code, or both):
      align 0.1 as in every yaml, epochs 100 / 50, n_ctx = all ctx_init tokens).
  11. Base-to-novel reports the true harmonic mean (the official table's "HM" is arithmetic).
  12. The robustness protocol above is ours: the released code has none.
+ 13. Random draws are not Dassl's (global streams, seeded per worker): each epoch's order and each
+     image's crop follow from (seed, epoch, image index) alone, so `--workers` changes no number.
 """
 import dataclasses
 import math
@@ -238,14 +240,11 @@ def default_fusion_layers(depth):
 
 # --------------------------------------------------------------------------- the model
 class BiomedAP(nn.Module):
-    """The prompted model: a learned text context (PromptLearner), visual prompts in the image tower,
-    GatedFusion modules at `fusion_layers`, and the two frozen anchors of the dual-anchor loss.
-
-    forward(images (B, 3, H, W), context (B, M, Dt) or None) returns, on every branch:
-        logits (B, C), image_features (B, E) or (B, C, E) with per-class context, text_features
-        (C, E), fused_text [(B, M, Dt)] per fusion block, context, and anchor_logits (B, C), the
-        high anchor's zero-shot logits of the same image features (None for a model built
-        without anchors, for evaluation or prediction, which cannot train)."""
+    """The prompted model: learned text context, visual prompts, GatedFusion at `fusion_layers`, and
+    the two frozen anchors. forward(images (B, 3, H, W), context (B, M, Dt) or None) returns on every
+    branch: logits (B, C), image_features (B, E), or (B, C, E) per class, text_features (C, E),
+    fused_text [(B, M, Dt)], context, anchor_logits (B, C): the high anchor's logits of the same
+    image features (None without anchors: a model for evaluation or prediction cannot train)."""
 
     def __init__(self, backbone, classnames, template, ctx_init, n_ctx, variant="paper",
                  prompt_tokens=4, fusion_layers=(), heads=8, dropout=0.1, infer_context="mean",
@@ -384,9 +383,8 @@ def confidence_weight(logits, alpha):
 
 # --------------------------------------------------------------------------- training step
 def train_step(model, images, labels, optimizer, lam, args):
-    """One optimisation step; returns the logged loss terms and the logits. Needs a model built
-    with both anchors (`build_model(..., support=...)`): one built for evaluation or prediction
-    has none and cannot train."""
+    """One optimisation step; returns the logged loss terms and the logits. Needs a model built with
+    both anchors (`build_model(..., support=...)`); one built for evaluation has none."""
     if model.high_anchor is None or model.low_anchor is None:
         raise ValueError("this BiomedAP model was built without anchors (for evaluation or prediction) "
                          "and cannot train: build it with support batches")
@@ -442,11 +440,10 @@ def lr_factor(epoch, args, epochs):
 
 
 def setup(args, device, anchors=True):
-    """(backbone, model, train, evals, text, cfg), the same in both method files: the frozen
-    backbone; the model for the training classes (with its two anchors when `anchors`, which
-    training needs and evaluation does not); the training classes' few-shot splits; the
-    evaluation blocks {"test"} or {"base", "novel"} (Splits whose .test is scored); the class
-    text; the resolved configuration (official per-dataset values for knobs left at none)."""
+    """(backbone, model, train, evals, text, cfg), as in both method files: the frozen backbone; the
+    model (with both anchors if `anchors`: training needs them); the training classes' few-shot
+    splits; the evaluation blocks {"test"} or {"base", "novel"}; the class text; the resolved
+    configuration (official per-dataset values for the knobs left at none)."""
     backbone = common.load_backbone(args.backbone, device)
     splits = data.load_splits(args.dataset, args.root, args.download, image_size=backbone.image_size)
     splits = data.few_shot_splits(splits, args.shots, args.seed)
@@ -462,8 +459,8 @@ def setup(args, device, anchors=True):
 
 
 def make_train_loader(train, backbone, args):
-    """CoOp's augmentation (random-resized crop, no flip); the last partial batch is dropped
-    when a full one exists (Dassl)."""
+    """CoOp's augmentation (random-resized crop, no flip), drawn from (seed, epoch, image index);
+    the last partial batch is dropped when a full one exists (Dassl)."""
     transform = data.build_transform(backbone.image_size, backbone.mean, backbone.std, train=True)
     return data.make_loader(data.ImageDataset(train.train, transform), args.batch_size, True, args.seed, args.workers)
 
@@ -613,8 +610,7 @@ def benchmark(args):
     common.autocast(args.precision, device)  # refuses bf16 without CUDA before anything is loaded
     backbone = common.load_backbone(args.backbone, device)
     text = data.synthetic_class_text()
-    classnames = list(text["classes"])
-    cfg = resolve(args, "synthetic", backbone, text["ctx_init"])
+    classnames, cfg = list(text["classes"]), resolve(args, "synthetic", backbone, text["ctx_init"])
     common.seed_everything(args.seed)
     S, B = backbone.image_size, args.batch_size
     images = torch.randn(B, 3, S, S, device=device)
@@ -676,21 +672,25 @@ def main(args):
     with run.stop_on_ctrl_c():
         for epoch in range(first, last + 1):
             epoch_start = time.perf_counter()
+            loader.sampler.set_epoch(epoch)  # the order and augmentations of this epoch
             stats = train_one_epoch(model, loader, optimizer, scheduler, args, device, cfg["lambda"])
             runner.check_finite(stats, epoch)
-            print(runner.epoch_line(epoch, cfg["epochs"], stats, time.perf_counter() - epoch_start), flush=True)
             run.save_checkpoint(runner.training_state(model, args, epoch, optimizer, scheduler, loader, class_text))
-    if last < cfg["epochs"]:
-        print(f"stopped after epoch {last} (--stop-after-epoch); continue with --resume")
-        return None
-    train_s, eval_start = time.perf_counter() - train_start, time.perf_counter()
-    metrics = evaluate_all(model, backbone, train, evals, text, cfg, args, device)
-    timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": time.perf_counter() - eval_start}
-    runner.write_metrics(run.path, args, metrics, timings, {
-        "config": cfg, "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "shots_per_class": data.shots_per_class(train)}, classnames_of(evals))
-    runner.finish_checkpoint(run.path)
-    print(runner.summary_line(metrics), f"-> {run.path / 'metrics.json'}")
+            print(runner.epoch_line(epoch, cfg["epochs"], stats, time.perf_counter() - epoch_start), flush=True)
+        if last < cfg["epochs"]:
+            print(f"stopped after epoch {last} (--stop-after-epoch); continue with --resume")
+            return None
+        run.phase = "evaluation"
+        train_s, eval_start = time.perf_counter() - train_start, time.perf_counter()
+        metrics = evaluate_all(model, backbone, train, evals, text, cfg, args, device)
+        timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": time.perf_counter() - eval_start}
+        run.phase = "results"
+        with runner.ctrl_c_held():  # metrics.json, the picture and the finished checkpoint, all or none
+            runner.write_metrics(run.path, args, metrics, timings, {
+                "config": cfg, "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "shots_per_class": data.shots_per_class(train)}, classnames_of(evals))
+            runner.finish_checkpoint(run.path)
+            print(runner.summary_line(metrics), f"-> {run.path / 'metrics.json'}", flush=True)
     return metrics
 
 

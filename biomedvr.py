@@ -61,9 +61,10 @@ Deviations from the paper / official code (the released Table-1 script, `experim
     to 192 is the same for S = 224, w = 16. The frame width w defaults to 16/224 of the
     backbone's input size (16 at 224, as official), so other input sizes keep the same proportion.
   * Random draws are not the official ones: the official loader shuffles and augments from the
-    global torch stream in the main process and sets cuDNN deterministic; ours uses a seeded
-    generator and worker processes (`--workers`) and leaves cuDNN's defaults, so a GPU rerun can
-    differ at float rounding. The same seed and worker count repeat a run on the CPU.
+    global torch stream in the main process and sets cuDNN deterministic; ours draws each epoch's
+    order and each image's augmentation from (seed, epoch, image index) alone, in whichever
+    worker process (`--workers`) loads it, and leaves cuDNN's defaults, so a GPU rerun can differ
+    at float rounding. The same seed repeats a run on the CPU, with any number of workers.
   * Base-to-novel (`--subsample base`) is ours; the official code trains on all classes only.
 """
 import random
@@ -259,7 +260,8 @@ def batch_size(args):
 
 def make_train_loader(train, S, args):
     """The released pipeline: resize the shorter side to S - 2w, random-resized crop to S - 2w,
-    horizontal flip; every image every epoch (the last partial batch is kept)."""
+    horizontal flip, drawn from (seed, epoch, image index); every image every epoch (the last
+    partial batch is kept)."""
     inner = S - 2 * frame_width(args, S)
     transform = data.build_transform(inner, train=True, hflip=True, resize_first=True)
     return data.make_loader(data.ImageDataset(train.train, transform), batch_size(args), True, args.seed,
@@ -477,6 +479,7 @@ def main(args):
     with run.stop_on_ctrl_c():
         for epoch in range(first, last + 1):
             epoch_start = time.perf_counter()
+            loader.sampler.set_epoch(epoch)  # the order and augmentations of this epoch
             stats = train_one_epoch(model, loader, optimizer, scheduler, args, device)
             gate = model.gate.detach().softmax(0).tolist()
             extra = f"gate {gate[0]:.3f}/{gate[1]:.3f}"
@@ -485,27 +488,29 @@ def main(args):
                 history.append({"epoch": epoch, "test_accuracy": accuracy})
                 extra += f" test_acc {accuracy:.2f}"
             runner.check_finite(stats, epoch)
-            print(runner.epoch_line(epoch, args.epochs, stats, time.perf_counter() - epoch_start, extra), flush=True)
             run.save_checkpoint(runner.training_state(model, args, epoch, optimizer, scheduler, loader,
                                                       class_text, history))
-    if last < args.epochs:
-        print(f"stopped after epoch {last} (--stop-after-epoch); continue with --resume")
-        return None
-    train_s, eval_start = time.perf_counter() - train_start, time.perf_counter()
-    metrics = evaluate_all(model, backbone, train, evals, text, cfg, args, device)
-    if args.eval_every:  # model selection on the test set, reported apart and labelled as such
-        history.append({"epoch": args.epochs, "test_accuracy": metrics.get("test", metrics.get("base"))["accuracy"]})
-        best = max(history, key=lambda h: h["test_accuracy"])
-        metrics["best_test_accuracy_test_selected"] = {"accuracy": best["test_accuracy"], "epoch": best["epoch"]}
-    timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": time.perf_counter() - eval_start}
-    runner.write_metrics(run.path, args, metrics, timings, {
-        "config": cfg, "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "eval_history": history, "shots_per_class": data.shots_per_class(train)}, classnames_of(evals))
-    save_programs_png(model, train, backbone.image_size, args, run.path / "programs.png")
-    runner.finish_checkpoint(run.path)
-    print(runner.summary_line(metrics), f"-> {run.path / 'metrics.json'}")
+            print(runner.epoch_line(epoch, args.epochs, stats, time.perf_counter() - epoch_start, extra), flush=True)
+        if last < args.epochs:
+            print(f"stopped after epoch {last} (--stop-after-epoch); continue with --resume")
+            return None
+        run.phase = "evaluation"
+        train_s, eval_start = time.perf_counter() - train_start, time.perf_counter()
+        metrics = evaluate_all(model, backbone, train, evals, text, cfg, args, device)
+        if args.eval_every:  # model selection on the test set, reported apart and labelled as such
+            history.append({"epoch": args.epochs, "test_accuracy": metrics.get("test", metrics.get("base"))["accuracy"]})
+            best = max(history, key=lambda h: h["test_accuracy"])
+            metrics["best_test_accuracy_test_selected"] = {"accuracy": best["test_accuracy"], "epoch": best["epoch"]}
+        timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": time.perf_counter() - eval_start}
+        run.phase = "results"
+        with runner.ctrl_c_held():  # metrics.json, the pictures and the finished checkpoint, all or none
+            runner.write_metrics(run.path, args, metrics, timings, {
+                "config": cfg, "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "eval_history": history, "shots_per_class": data.shots_per_class(train)}, classnames_of(evals))
+            save_programs_png(model, train, backbone.image_size, args, run.path / "programs.png")
+            runner.finish_checkpoint(run.path)
+            print(runner.summary_line(metrics), f"-> {run.path / 'metrics.json'}", flush=True)
     return metrics
-
 
 if __name__ == "__main__":
     runner.run_cli(main, Args, __doc__.split("\n\n")[0])

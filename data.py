@@ -15,16 +15,19 @@ split file and seed give the same images as the papers.
 
 import argparse
 import colorsys
+import contextlib
 import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import stat
 import string
 import sys
 import tempfile
+import threading
 import unicodedata
 import zipfile
 import zlib
@@ -423,16 +426,22 @@ def download_dataset(name: str, root) -> Path:
     """Fetch `<DIR>.zip` from the Hugging Face hub and unpack it as `<root>/<DIR>`; returns that folder.
 
     Processes that start it at once (the seeds of a sweep) take turns on `<root>/.<DIR>.lock`:
-    the first downloads, the others wait and then find the dataset in place.
+    the first downloads, the others wait and then find the dataset in place. The lock file is
+    removed when the download ends, whether it succeeded or failed.
     """
-    import fcntl  # POSIX (Linux, macOS)
+    import filelock  # a dependency of huggingface_hub; slow to import, only needed here
 
     Path(root).mkdir(parents=True, exist_ok=True)
     # Held over the check, the download and the rename, so no process ever sees another's
-    # half-made target or renames onto it. The lock file stays: removing it would race.
-    with open(Path(root) / f".{DATASETS[name]}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        return _download_locked(name, root)
+    # half-made target or renames onto it. The file is removed while the lock is held: filelock
+    # notices when the file it locked was removed meanwhile and locks the new one instead.
+    path = Path(root) / f".{DATASETS[name]}.lock"
+    with filelock.FileLock(path):
+        try:
+            return _download_locked(name, root)
+        finally:
+            with contextlib.suppress(OSError):  # Windows removes it itself, once released
+                path.unlink()
 
 
 def _download_locked(name, root):
@@ -889,8 +898,20 @@ def build_transform(size: int, mean=None, std=None, train: bool = False, hflip: 
     return T.Compose(steps)
 
 
+def draw_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample `index`'s random draws in `epoch` of a run seeded `seed` (63 bits)."""
+    digest = hashlib.sha256(f"sample:{seed}:{epoch}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 class ImageDataset(torch.utils.data.Dataset):
-    """(image tensor, label) for each Item; synthetic items are drawn, the others read from disk."""
+    """(image tensor, label) for each Item; synthetic items are drawn, the others read from disk.
+
+    `dataset[(index, seed)]` (what `EpochSampler` hands out) runs the transform's random draws
+    (torchvision's v1 transforms draw from the global CPU generator) from `seed` alone, on a forked
+    generator state, so an augmentation is the same in the main process and in any worker, and the
+    caller's own random stream is left as it was. `dataset[index]` draws from `draw_seed(0, 0, index)`.
+    """
 
     def __init__(self, items, transform):
         self.items = list(items)
@@ -899,21 +920,76 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, draw_seed(0, 0, key))
         item = self.items[index]
         image = draw_synthetic(item.path) if item.path.startswith("synthetic:") else open_image(item.path)
-        return self.transform(image), item.label
+        # torch.manual_seed would also reseed CUDA's generators: only the CPU one is forked and seeded.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return self.transform(image), item.label
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """The (index, draw seed) pairs of one pass over `n` samples: shuffled or in order, a function
+    of (seed, epoch) alone, as is each sample's draw seed (`draw_seed(seed, epoch, index)`). The
+    training loop calls `set_epoch(epoch)` before each pass, so a resumed run repeats the epochs of
+    an uninterrupted one and no worker count changes a number."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        order = range(self.n)
+        if self.shuffle:
+            digest = hashlib.sha256(f"order:{self.seed}:{self.epoch}".encode()).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            order = torch.randperm(self.n, generator=generator).tolist()
+        return iter([(i, draw_seed(self.seed, self.epoch, i)) for i in order])
+
+
+def ignore_ctrl_c(worker_id: int):
+    """A loader worker leaves Ctrl-C to the main process, which stops the workers itself: a worker
+    that took the SIGINT a terminal sends to the whole process group would print a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers never see Ctrl-C: they are started (forked, every epoch) while the
+    main process holds Ctrl-C back, and ignore it from their first line (`ignore_ctrl_c`); the main
+    process takes a Ctrl-C of those milliseconds right after and stops the workers itself."""
+
+    def __iter__(self):
+        if self.num_workers == 0 or threading.current_thread() is not threading.main_thread():
+            return super().__iter__()
+        caught = []
+        previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+        try:
+            iterator = super().__iter__()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if caught:
+            del iterator  # stops its workers
+            raise KeyboardInterrupt
+        return iterator
 
 
 def make_loader(dataset, batch_size: int, train: bool, seed: int, workers: int = 0, drop_last: bool = True):
     """Shuffled for training, ordered for test. A training loader drops the last partial batch
-    when there is a full one (Dassl, BiomedAP); `drop_last=False` keeps every image (BioMedVR)."""
-    # The seeded generator fixes the order and the workers' seeds (torch seeds random, numpy and
-    # torch in each worker from it), so the same seed gives the same batches.
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=train,
+    when there is a full one (Dassl, BiomedAP); `drop_last=False` keeps every image (BioMedVR).
+    The order and every augmentation follow from (seed, epoch, sample index): `EpochSampler`."""
+    # The loader's own seeded generator only seeds the workers' streams, which nothing draws from;
+    # checkpoints keep its state (common.training_state).
+    return Loader(
+        dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), seed, shuffle=train),
         drop_last=drop_last and train and len(dataset) >= batch_size,
-        num_workers=workers, generator=torch.Generator().manual_seed(seed),
+        num_workers=workers, generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_ctrl_c,
         pin_memory=torch.cuda.is_available())
 
 

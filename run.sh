@@ -9,15 +9,20 @@
 #   bash run.sh zeroshot   [DATASETS]                        [--dry-run] [-- FLAGS...]
 #   bash run.sh summarize  [RUNS_DIR]
 #
-# METHOD is biomedap or biomedvr. DATASETS, SHOTS and SEEDS are quoted lists ("btmri busi",
-# "1 2 4") or "all" for the defaults: the 11 datasets, shots 1 2 4 8 16 (16 for base2novel),
-# seeds 1 2 3. FLAGS after "--" go to every job (e.g. -- --variant official --root /data).
+# METHOD is biomedap or biomedvr. SHOTS and SEEDS are quoted lists ("1 2 4" or 1,2,4) or "all"
+# for the defaults: shots 1 2 4 8 16 (16 for base2novel), seeds 1 2 3. DATASETS is "all" (the 11
+# benchmarks), one benchmark name or folder path (a path that is a folder is taken whole, spaces
+# and all), or a list: separated by commas or newlines when it has any ("btmri,/data/my scans"),
+# else by spaces ("btmri busi"). FLAGS after "--" go to every job (e.g. -- --variant official
+# --root /data) and mean the same to the sweep: --out (or --out=) is where it looks for finished
+# runs and writes the summary, --backbone, --variant and --cs-anchor pick the run folders.
 # `tables` is exactly the runs of the published tables: BiomedAP's few-shot table (K=1..16)
 # and base-to-novel table, BioMedVR's 16-shot table.
 # Finished runs (metrics.json present) are skipped and unfinished ones resumed, so an
 # interrupted sweep continues where it stopped. GPUS="0 1 2 3" runs one job per GPU at a
 # time; --dry-run prints the jobs, one command a line (for GNU parallel or a SLURM array).
-# Environment: PYTHON (python), OUT (runs), GPUS (empty: one job at a time on the default device).
+# Environment: PYTHON (python), OUT (runs; --out after "--" wins), GPUS (empty: one job at a time
+# on the default device). Relative dataset and output paths are taken from this script's folder.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -27,8 +32,21 @@ ALL_DATASETS="btmri busi chmnist covid ctkidney dermamnist kneexray kvasir lungc
 ALL_SHOTS="1 2 4 8 16"
 ALL_SEEDS="1 2 3"
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 pick() { if [[ -z "${1:-}" || "$1" == "all" ]]; then echo "$2"; else echo "${1//,/ }"; fi; }
+pick_datasets() {  # DATASETS -> the array DS (see the header for the rules)
+  local arg=${1:-all} item
+  DS=()
+  if [[ $arg == all ]]; then read -ra DS <<<"$ALL_DATASETS"
+  elif [[ -d $arg ]]; then DS=("$arg")
+  elif [[ $arg == *[,$'\n']* ]]; then
+    while IFS= read -r item; do
+      item=${item#"${item%%[![:space:]]*}"}; item=${item%"${item##*[![:space:]]}"}  # spaces around an item
+      [[ -n $item ]] && DS+=("$item")
+    done <<<"${arg//,/$'\n'}"
+  else read -ra DS <<<"$arg"; fi
+  ((${#DS[@]})) || { echo "error: no dataset in '$arg'" >&2; exit 2; }
+}
 
 # ---- split the command line: positional lists, --dry-run, and FLAGS after "--"
 DRY=0; POS=(); EXTRA=()
@@ -65,12 +83,18 @@ method_dir() {  # where a method's runs go: [<backbone>/]biomedap[-official] or 
   echo "$(backbone_dir)$m"
 }
 
-JOBS=(); DATASETS_USED=(); METHOD_USED=zeroshot
+OUT=$(flag_value --out "$OUT")  # the jobs' own --out: where the sweep looks for their runs
+JOBS=(); DATASETS_USED=(); METHOD_USED=zeroshot; DS=()
 
+is_benchmark() { local b; for b in $ALL_DATASETS synthetic; do [[ ${1,,} == "$b" ]] && return 0; done; return 1; }
 dataset_key() {  # the dataset's folder name in runs/, as data.dataset_key: a benchmark in lower case,
-  local lower=${1,,}  # your own folder by its own name
-  if [[ " $ALL_DATASETS synthetic " == *" $lower "* || ! -d $1 ]]; then echo "$lower"
+  if is_benchmark "$1" || [[ ! -d $1 ]]; then echo "${1,,}"  # your own folder by its own name
   else basename "$(cd "$1" && pwd -P)"; fi
+}
+use_dataset() {  # DATASET: remember it for the setup check, once
+  local u
+  for u in "${DATASETS_USED[@]+"${DATASETS_USED[@]}"}"; do [[ $u == "$1" ]] && return; done
+  DATASETS_USED+=("$1")
 }
 quoted() { local out; printf -v out '%q ' "$@"; echo "${out% }"; }  # one shell-safe line
 add_job() {  # METHOD DATASET SHOTS SEED PROTOCOL(fewshot|base2novel|robustness)
@@ -78,23 +102,23 @@ add_job() {  # METHOD DATASET SHOTS SEED PROTOCOL(fewshot|base2novel|robustness)
   [[ $p == base2novel ]] && { sub="_base2novel"; flags+=(--subsample base); }
   [[ $p == robustness ]] && flags+=(--robustness)
   local dir="$OUT/$(method_dir "$m")/$(dataset_key "$d")/${k}shot$sub/seed$s"
-  [[ " ${DATASETS_USED[*]-} " == *" $d "* ]] || DATASETS_USED+=("$d")
+  use_dataset "$d"
   if [[ -f $dir/metrics.json ]]; then
     # a robustness job needs the robustness block; a plain finished run is re-evaluated for it
     if [[ $p != robustness ]] || grep -q '"robustness"' "$dir/metrics.json"; then return; fi
-    JOBS+=("$(quoted $PYTHON $m.py --eval-only "$dir" --robustness "${EXTRA[@]+"${EXTRA[@]}"}")")
+    JOBS+=("$(quoted "$PYTHON" "$m.py" --eval-only "$dir" --robustness "${EXTRA[@]+"${EXTRA[@]}"}")")
     return
   fi
   [[ -f $dir/checkpoint.pt ]] && flags+=(--resume)
-  JOBS+=("$(quoted $PYTHON $m.py --dataset "$d" --shots "$k" --seed "$s" --out "$OUT" "${flags[@]+"${flags[@]}"}" "${EXTRA[@]+"${EXTRA[@]}"}")")
+  JOBS+=("$(quoted "$PYTHON" "$m.py" --dataset "$d" --shots "$k" --seed "$s" --out "$OUT" "${flags[@]+"${flags[@]}"}" "${EXTRA[@]+"${EXTRA[@]}"}")")
 }
 
-sweep() {  # METHOD PROTOCOL DATASETS SHOTS SEEDS
-  local m=$1 p=$2
+sweep() {  # METHOD PROTOCOL SHOTS SEEDS, over the datasets in DS
+  local m=$1 p=$2 d k s
   [[ $m == biomedap || $m == biomedvr ]] || { echo "error: METHOD must be biomedap or biomedvr, not '$m'" >&2; exit 2; }
   [[ $p == robustness && $m != biomedap ]] && { echo "error: robustness is a BiomedAP evaluation" >&2; exit 2; }
   METHOD_USED=$m
-  for d in $3; do for k in $4; do for s in $5; do add_job "$m" "$d" "$k" "$s" "$p"; done; done; done
+  for d in "${DS[@]}"; do for k in $3; do for s in $4; do add_job "$m" "$d" "$k" "$s" "$p"; done; done; done
 }
 
 preflight() {  # once, before any job: the flags parse, the backbone loads, every dataset is there
@@ -131,9 +155,9 @@ case "$CMD" in
     OUT=${OUT_SMOKE:-runs/smoke}
     for bb in tiny tiny-clip; do
       for m in biomedap biomedvr; do
-        JOBS+=("$PYTHON $m.py --dataset synthetic --backbone $bb --shots 8 --seed 1 --epochs 5 --device cpu --workers 0 --out $OUT --overwrite")
+        JOBS+=("$(quoted "$PYTHON" "$m.py" --dataset synthetic --backbone "$bb" --shots 8 --seed 1 --epochs 5 --device cpu --workers 0 --out "$OUT" --overwrite)")
       done
-      JOBS+=("$PYTHON zeroshot.py --dataset synthetic --backbone $bb --device cpu --workers 0 --out $OUT --overwrite")
+      JOBS+=("$(quoted "$PYTHON" zeroshot.py --dataset synthetic --backbone "$bb" --device cpu --workers 0 --out "$OUT" --overwrite)")
     done
     run_jobs_smoke() {  # runs land in $OUT/tiny/... and $OUT/tiny-clip/...: one table per backbone
       for job in "${JOBS[@]}"; do echo "+ $job" >&2; eval "$job" | tail -n 3; done
@@ -143,27 +167,31 @@ case "$CMD" in
     }
     if ((DRY)); then printf '%s\n' "${JOBS[@]}"; else run_jobs_smoke; fi ;;
   fewshot|robustness)
-    sweep "${POS[1]:-}" "$CMD" "$(pick "${POS[2]:-}" "$ALL_DATASETS")" \
-      "$(pick "${POS[3]:-}" "$([[ $CMD == robustness ]] && echo 16 || echo "$ALL_SHOTS")")" \
+    pick_datasets "${POS[2]:-}"
+    sweep "${POS[1]:-}" "$CMD" "$(pick "${POS[3]:-}" "$([[ $CMD == robustness ]] && echo 16 || echo "$ALL_SHOTS")")" \
       "$(pick "${POS[4]:-}" "$ALL_SEEDS")"
     run_jobs ;;
   base2novel)
-    sweep "${POS[1]:-}" base2novel "$(pick "${POS[2]:-}" "$ALL_DATASETS")" 16 "$(pick "${POS[3]:-}" "$ALL_SEEDS")"
+    pick_datasets "${POS[2]:-}"
+    sweep "${POS[1]:-}" base2novel 16 "$(pick "${POS[3]:-}" "$ALL_SEEDS")"
     run_jobs ;;
   tables)
     case "${POS[1]:-}" in
-      biomedap) sweep biomedap fewshot "$ALL_DATASETS" "$ALL_SHOTS" "$ALL_SEEDS"
-                sweep biomedap base2novel "$ALL_DATASETS" 16 "$ALL_SEEDS" ;;
+      biomedap) pick_datasets all
+                sweep biomedap fewshot "$ALL_SHOTS" "$ALL_SEEDS"
+                sweep biomedap base2novel 16 "$ALL_SEEDS" ;;
       biomedvr) EXTRA=(--cs-anchor fused "${EXTRA[@]+"${EXTRA[@]}"}")  # the released Table-1 loss
-                sweep biomedvr fewshot "$ALL_DATASETS" 16 "$ALL_SEEDS" ;;
+                pick_datasets all
+                sweep biomedvr fewshot 16 "$ALL_SEEDS" ;;
       *) echo "error: tables needs METHOD: biomedap or biomedvr" >&2; exit 2 ;;
     esac
     run_jobs ;;
   zeroshot)  # the frozen backbone's zero-shot accuracy, the K=0 column of the summary
-    for d in $(pick "${POS[1]:-}" "$ALL_DATASETS"); do
-      [[ " ${DATASETS_USED[*]-} " == *" $d "* ]] || DATASETS_USED+=("$d")
+    pick_datasets "${POS[1]:-}"
+    for d in "${DS[@]}"; do
+      use_dataset "$d"
       [[ -f $OUT/$(backbone_dir)zeroshot/$(dataset_key "$d")/seed1/metrics.json ]] && continue
-      JOBS+=("$(quoted $PYTHON zeroshot.py --dataset "$d" --out "$OUT" "${EXTRA[@]+"${EXTRA[@]}"}")")
+      JOBS+=("$(quoted "$PYTHON" zeroshot.py --dataset "$d" --out "$OUT" "${EXTRA[@]+"${EXTRA[@]}"}")")
     done
     run_jobs ;;
   summarize) $PYTHON report.py "${POS[1]:-$OUT}" ;;

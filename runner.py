@@ -20,6 +20,7 @@ import random
 import re
 import resource
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -262,35 +263,69 @@ class RunFolder:
             shutil.rmtree(self.staging, ignore_errors=True)  # left by a restart that failed: never a result
 
     def save_checkpoint(self, state: dict):
-        """Write the checkpoint; the first one of an --overwrite run then takes the old run's place."""
-        if self.staging is None:
-            save_checkpoint(self.path / "checkpoint.pt", state)
-        else:
-            save_checkpoint(self.staging / "checkpoint.pt", state)
-            replaced = self.path.with_name(self.path.name + ".replaced")
-            shutil.rmtree(replaced, ignore_errors=True)
-            os.replace(self.path, replaced)      # two renames: the old run is never deleted before
-            os.replace(self.staging, self.path)  # the new one is in place, and the gap is microseconds
-            shutil.rmtree(replaced)
-            self.staging = None
-        self.saved_epoch = state.get("epoch")
+        """Write the checkpoint; the first one of an --overwrite run then takes the old run's place.
+        Ctrl-C waits until it is written (and the folders are swapped)."""
+        try:
+            with ctrl_c_held():
+                if self.staging is None:
+                    save_checkpoint(self.path / "checkpoint.pt", state)
+                else:
+                    save_checkpoint(self.staging / "checkpoint.pt", state)
+                    replaced = self.path.with_name(self.path.name + ".replaced")
+                    shutil.rmtree(replaced, ignore_errors=True)
+                    os.replace(self.path, replaced)      # two renames: the old run is never deleted before
+                    os.replace(self.staging, self.path)  # the new one is in place, and the gap is microseconds
+                    shutil.rmtree(replaced)
+                    self.staging = None
+                self.saved_epoch = state.get("epoch")
+        except KeyboardInterrupt:
+            self.phase = "saved"  # the Ctrl-C came while this epoch's checkpoint was written
+            raise
 
     saved_epoch = 0  # the epoch of the checkpoint on disk: set by each save, and on resume
+    phase = "training"  # or "saved" (Ctrl-C held by a checkpoint's write), "evaluation", "results"
 
     @contextmanager
     def stop_on_ctrl_c(self):
-        """Around the training loop: Ctrl-C becomes one line saying which checkpoint is kept."""
+        """Around a run from its first epoch to its last line: Ctrl-C becomes one line saying which
+        checkpoint is kept. The results are written under `ctrl_c_held`, so an interrupt that comes
+        while they are written ends the run only once they are complete."""
         try:
             yield
         except KeyboardInterrupt:
             epoch = self.saved_epoch + 1
-            if self.saved_epoch:
+            if self.phase == "results":
+                message = f"interrupted while the results were written; they were completed first in {self.path}"
+            elif self.phase == "saved":
+                message = (f"interrupted after epoch {self.saved_epoch}; its checkpoint is kept in {self.path}; "
+                           f"continue with --resume")
+            elif self.phase == "evaluation":
+                message = (f"interrupted during evaluation; the checkpoint of epoch {self.saved_epoch} (the last) "
+                           f"is kept in {self.path}; evaluate it with --resume")
+            elif self.saved_epoch:
                 message = (f"interrupted during epoch {epoch}; the checkpoint of epoch {self.saved_epoch} "
                            f"is kept in {self.path}; continue with --resume")
             else:
                 kept = f"; the previous run in {self.path} is kept" if self.staging is not None else ""
                 message = f"interrupted during epoch 1, before the first checkpoint{kept}"
             raise Interrupted(message) from None
+
+
+@contextmanager
+def ctrl_c_held():
+    """Ctrl-C inside the block waits for its end and is raised there (main thread only: elsewhere
+    the block runs as it is). For writes that must finish once they start."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def prepare_run_dir(folder: Path, overwrite: bool, resume: bool) -> RunFolder:

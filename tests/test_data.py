@@ -429,10 +429,11 @@ def test_build_transform_normalises_only_when_asked():
 
 
 def test_loaders_are_seeded_and_drop_last_only_with_a_full_batch():
-    dataset = torch.utils.data.TensorDataset(torch.arange(10), torch.arange(10))
+    items = [data.Item(f"synthetic:train:{i}:8", i, str(i)) for i in range(10)]
+    dataset = data.ImageDataset(items, lambda image: 0)
 
     def order(loader):
-        return torch.cat([x for x, _ in loader]).tolist()
+        return torch.cat([labels for _, labels in loader]).tolist()
 
     first = order(data.make_loader(dataset, 4, train=True, seed=1))
     assert first == order(data.make_loader(dataset, 4, train=True, seed=1))
@@ -504,7 +505,7 @@ def test_download_end_to_end_through_load_splits(tmp_path, monkeypatch, nested):
     assert calls == [("TahaKoleilat/BiomedCoOp", "dataset", "BTMRI.zip")]
     assert splits.classnames == data.CLASSNAMES["btmri"] and len(splits.train) == 20
     assert splits.train[0].path.startswith(str(root / "BTMRI" / "BTMRI"))
-    assert sorted(p.name for p in root.iterdir()) == [".BTMRI.lock", "BTMRI"]  # no scratch folder left behind
+    assert [p.name for p in root.iterdir()] == ["BTMRI"]  # no scratch folder or lock file left behind
     data.load_splits("btmri", root=str(root), download=True)  # already there: no second download
     assert len(calls) == 1
 
@@ -515,7 +516,7 @@ def test_download_of_a_bad_zip_leaves_no_target(tmp_path, monkeypatch, kind):
     root = tmp_path / "data"
     with pytest.raises(UserError, match="refusing"):
         data.load_splits("btmri", root=str(root), download=True)
-    assert [p.name for p in root.iterdir()] == [".BTMRI.lock"]
+    assert [p.name for p in root.iterdir()] == []
 
 
 def test_download_of_a_zip_without_split_file_says_so(tmp_path, monkeypatch):
@@ -524,7 +525,7 @@ def test_download_of_a_zip_without_split_file_says_so(tmp_path, monkeypatch):
     fake_hub(monkeypatch, zip_tree(made, tmp_path / "BTMRI.zip"))
     with pytest.raises(UserError, match="has no split_BTMRI.json"):
         data.load_splits("btmri", root=str(tmp_path / "data"), download=True)
-    assert [p.name for p in (tmp_path / "data").iterdir()] == [".BTMRI.lock"]
+    assert [p.name for p in (tmp_path / "data").iterdir()] == []
 
 
 def _download_in_a_process(root, zip_path, barrier):
@@ -549,7 +550,7 @@ def test_two_processes_downloading_at_once_both_succeed(tmp_path):
     for process in processes:
         process.join(60)
     assert [process.exitcode for process in processes] == [0, 0]
-    assert sorted(p.name for p in root.iterdir()) == [".BTMRI.lock", "BTMRI"]
+    assert [p.name for p in root.iterdir()] == ["BTMRI"]
     assert len(data.load_splits("btmri", root=str(root)).train) == 20
 
 
@@ -562,6 +563,16 @@ def test_unreachable_hub_explains_the_manual_route(tmp_path, monkeypatch):
     message = str(error.value)
     assert "could not reach the Hugging Face hub" in message and "by hand" in message
     assert str(tmp_path / "BUSI" / "split_BUSI.json") in message
+
+
+def test_a_failed_download_leaves_no_lock_file(tmp_path, monkeypatch):
+    def failing(**kwargs):
+        raise RuntimeError("the hub broke")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing)
+    for attempt in range(2):  # and the next attempt is not blocked by anything left behind
+        with pytest.raises(UserError, match="could not reach the Hugging Face hub"):
+            data.load_splits("btmri", root=str(tmp_path / "data"), download=True)
+        assert list((tmp_path / "data").iterdir()) == []
 
 
 # ------------------------------------------------------------------ DICOM

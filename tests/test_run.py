@@ -4,6 +4,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,45 @@ def test_sweeps_skip_finished_runs_of_your_own_folder(tmp_path):
     assert run_sh("fewshot", "biomedvr", "BTMRI", "2", "1", "--dry-run", env=env) != []
     runner.atomic_write_json(runner.run_dir(str(tmp_path / "runs"), "biomedvr", "BTMRI", 2, 1) / "metrics.json", {})
     assert run_sh("fewshot", "biomedvr", "BTMRI", "2", "1", "--dry-run", env=env) == []
+
+
+def run_as_shell(line):
+    """What a --dry-run line runs: its words, with `python` a shell function that prints them."""
+    shown = subprocess.run(["bash", "-c", 'python() { printf "%s\\0" "$@"; }; eval "$1"', "_", line],
+                           capture_output=True, text=True, check=True).stdout
+    return shown.split("\0")[:-1]
+
+
+@pytest.mark.parametrize("form", ["--out {}", "--out={}"])
+def test_out_after_the_dashes_is_where_the_sweep_looks_and_summarizes(tmp_path, form):
+    mine = tmp_path / "mine"
+    flags = form.format(mine).split()
+    runner.atomic_write_json(mine / "biomedap" / "btmri" / "1shot" / "seed1" / "metrics.json",
+                             {"metrics": {"test": {"accuracy": 61.0}}})
+    (mine / "biomedap" / "btmri" / "1shot" / "seed2").mkdir(parents=True)
+    (mine / "biomedap" / "btmri" / "1shot" / "seed2" / "checkpoint.pt").write_bytes(b"")
+    env = {"OUT": str(tmp_path / "default")}
+    jobs = [parse_job(line)[1] for line in run_sh("fewshot", "biomedap", "btmri", "1", "1 2", "--dry-run", "--",
+                                                  *flags, env=env)]
+    assert [(a.seed, a.resume, a.out) for a in jobs] == [(2, True, str(mine))]
+    # nothing left to run: the sweep goes straight to the summary, of that folder
+    run_sh("fewshot", "biomedap", "btmri", "1", "1", "--", *flags, env={**env, "PYTHON": sys.executable})
+    assert "61.00" in (mine / "summary.md").read_text() and not (tmp_path / "default").exists()
+
+
+def test_a_dataset_folder_with_spaces_and_shell_characters_in_every_command(tmp_path):
+    folder = tmp_path / "my scans; $HOME 'x' \"y\" (1) *"
+    folder.mkdir()
+    env = {"OUT": str(tmp_path / "runs")}
+    commands = {("fewshot", "biomedap", str(folder), "2", "1"): 1, ("base2novel", "biomedvr", str(folder), "1"): 1,
+                ("robustness", "biomedap", str(folder), "16", "1"): 1, ("zeroshot", str(folder)): 1,
+                ("fewshot", "biomedvr", f"btmri,{folder}", "2", "1"): 2,
+                ("fewshot", "biomedvr", f"btmri\n {folder}\n", "2", "1 2"): 4}
+    for command, count in commands.items():
+        lines = run_sh(*command, "--dry-run", env=env)
+        assert len(lines) == count, lines
+        argv = run_as_shell(lines[-1])  # the line, run by a shell, gives exactly the job's words
+        assert argv == shlex.split(lines[-1])[1:] and argv[argv.index("--dataset") + 1] == str(folder)
+    # its finished runs are found under the folder's own name
+    runner.atomic_write_json(runner.run_dir(str(tmp_path / "runs"), "biomedap", str(folder), 2, 1) / "metrics.json", {})
+    assert run_sh("fewshot", "biomedap", str(folder), "2", "1", "--dry-run", env=env) == []
