@@ -303,7 +303,8 @@ def plot_fewshot(series: dict, path: Path):
     colour = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     marker = {label: "os^Dvp<>hX"[i % 10] for i, label in enumerate(labels)}
     # a small horizontal offset per series: methods with equal accuracy stay visible side by side
-    offset = {label: 0.08 * (i - (len(labels) - 1) / 2) for i, label in enumerate(labels)}
+    step = min(0.06, 0.3 / max(len(labels) - 1, 1))  # all of them within 0.3 of a tick
+    offset = {label: step * (i - (len(labels) - 1) / 2) for i, label in enumerate(labels)}
     ncols = min(4, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     legend_cols = min(len(labels), max(ncols, 2))  # about one "<folder>/<method>" per 3 inches
