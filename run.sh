@@ -84,6 +84,8 @@ method_dir() {  # where a method's runs go: [<backbone>/]biomedap[-official] or 
 }
 
 OUT=$(flag_value --out "$OUT")  # the jobs' own --out: where the sweep looks for their runs
+OUT_FLAG=(--out "$OUT")          # given to each job, unless the FLAGS after "--" already say it
+[[ " ${EXTRA[*]-} " == *" --out "* || " ${EXTRA[*]-} " == *" --out="* ]] && OUT_FLAG=()
 JOBS=(); DATASETS_USED=(); METHOD_USED=zeroshot; DS=()
 
 is_benchmark() { local b; for b in $ALL_DATASETS synthetic; do [[ ${1,,} == "$b" ]] && return 0; done; return 1; }
@@ -110,7 +112,7 @@ add_job() {  # METHOD DATASET SHOTS SEED PROTOCOL(fewshot|base2novel|robustness)
     return
   fi
   [[ -f $dir/checkpoint.pt ]] && flags+=(--resume)
-  JOBS+=("$(quoted "$PYTHON" "$m.py" --dataset "$d" --shots "$k" --seed "$s" --out "$OUT" "${flags[@]+"${flags[@]}"}" "${EXTRA[@]+"${EXTRA[@]}"}")")
+  JOBS+=("$(quoted "$PYTHON" "$m.py" --dataset "$d" --shots "$k" --seed "$s" "${OUT_FLAG[@]+"${OUT_FLAG[@]}"}" "${flags[@]+"${flags[@]}"}" "${EXTRA[@]+"${EXTRA[@]}"}")")
 }
 
 sweep() {  # METHOD PROTOCOL SHOTS SEEDS, over the datasets in DS
@@ -191,7 +193,7 @@ case "$CMD" in
     for d in "${DS[@]}"; do
       use_dataset "$d"
       [[ -f $OUT/$(backbone_dir)zeroshot/$(dataset_key "$d")/seed1/metrics.json ]] && continue
-      JOBS+=("$(quoted "$PYTHON" zeroshot.py --dataset "$d" --out "$OUT" "${EXTRA[@]+"${EXTRA[@]}"}")")
+      JOBS+=("$(quoted "$PYTHON" zeroshot.py --dataset "$d" "${OUT_FLAG[@]+"${OUT_FLAG[@]}"}" "${EXTRA[@]+"${EXTRA[@]}"}")")
     done
     run_jobs ;;
   summarize) $PYTHON report.py "${POS[1]:-$OUT}" ;;
