@@ -22,6 +22,7 @@ from pydicom.data import get_testdata_file
 
 import data
 import runner
+from test_data import dicom_copy  # a pydicom test file saved with some elements changed
 from common import UserError
 
 
@@ -195,15 +196,6 @@ def test_every_dicom_file_pydicom_ships_is_read_or_refused_in_one_line():
         read += 1
     assert read >= 60 and refused >= 10
     assert time.perf_counter() - start < 15
-
-
-def dicom_copy(tmp_path, name, **changes):
-    ds = pydicom.dcmread(get_testdata_file(name))
-    for keyword, value in changes.items():
-        setattr(ds, keyword, value)
-    path = tmp_path / f"{len(list(tmp_path.iterdir()))}_{name}"
-    ds.save_as(path)
-    return path
 
 
 def test_dicom_voi_lut_sequence_is_applied(tmp_path):
