@@ -62,6 +62,9 @@ Deviations (from the paper, the official code, or both):
  12. The robustness protocol above is ours: the released code has none.
  13. Random draws are not Dassl's (global streams, seeded per worker): each epoch's order and each
      image's crop follow from (seed, epoch, image index) alone, so `--workers` changes no number.
+ 14. Images are decoded as a viewer shows them (`data.to_rgb`: EXIF orientation, alpha composited
+     on white, 16-bit/float stretched; one-colour or over 20:1 images refused); official: PIL's
+     convert("RGB"). The pixels are the same for 8-bit RGB/grey files without an EXIF orientation.
 """
 import dataclasses
 import math
@@ -581,15 +584,13 @@ def eval_only(cli):
     start = time.perf_counter()
     metrics = evaluate_all(model, backbone, train, evals, text, cfg, args, device)
     runner.write_eval_only(cli.eval_only, args, metrics, time.perf_counter() - start, given,
-                           {"config": cfg, "shots_per_class": data.shots_per_class(train)},
-                           classnames_of(evals))
+                           {"config": cfg, "shots_per_class": data.shots_per_class(train)}, classnames_of(evals))
     print(runner.summary_line(metrics), f"-> {cli.eval_only}/metrics.json")
     return metrics
 
 
 def load_run(run_dir, device="cpu", backbone=None):
-    """A finished run as a `runner.Predictor`: `load_run(RUN_DIR)(images)` gives each image's class
-    probabilities. Needs the run folder, the backbone and the class text only."""
+    """A finished run as a `runner.Predictor` (`load_run(RUN_DIR)(images)`: class probabilities)."""
     ckpt, args = runner.load_finished_run(run_dir, Args)
     classnames, text = ckpt["classnames"], ckpt["class_text"]  # the run's own: its dataset may have moved
     backbone = backbone or common.load_backbone(args.backbone, device)
@@ -603,9 +604,8 @@ def load_run(run_dir, device="cpu", backbone=None):
 
 
 def benchmark(args):
-    """A training step (--batch-size, 4 classes) against the bare towers' forward and backward;
-    evaluation against the bare image tower's forward, on 16 images on the CPU and
-    --test-batch-size elsewhere. All under --precision. Synthetic class text, random images."""
+    """A training step (--batch-size, 4 classes) against the bare towers' forward and backward; evaluation
+    against the bare image tower's forward (16 images on the CPU, else --test-batch-size); --precision."""
     device = common.resolve_device(args.device)
     common.autocast(args.precision, device)  # refuses bf16 without CUDA before anything is loaded
     backbone = common.load_backbone(args.backbone, device)
@@ -665,7 +665,7 @@ def main(args):
     optimizer, scheduler = make_optimizer(model, args, cfg["epochs"])
     print(runner.describe_trainable(model, group=("fusion",)), f"{len(train.train)} training images,",
           f"{len(train.classnames)} classes, {len(loader)} steps/epoch; config {cfg}")
-    first = runner.restore_training_state(ckpt, model, optimizer, scheduler, loader) if ckpt else 1
+    first = runner.restore_training_state(ckpt, model, optimizer, scheduler) if ckpt else 1
     class_text = dict(text, classes={c: text["classes"][c] for c in train.classnames})  # kept for --predict
     setup_s, train_start = time.perf_counter() - start, time.perf_counter()
     last = min(args.stop_after_epoch or cfg["epochs"], cfg["epochs"])
@@ -675,7 +675,7 @@ def main(args):
             loader.sampler.set_epoch(epoch)  # the order and augmentations of this epoch
             stats = train_one_epoch(model, loader, optimizer, scheduler, args, device, cfg["lambda"])
             runner.check_finite(stats, epoch)
-            run.save_checkpoint(runner.training_state(model, args, epoch, optimizer, scheduler, loader, class_text))
+            run.save_checkpoint(runner.training_state(model, args, epoch, optimizer, scheduler, class_text))
             print(runner.epoch_line(epoch, cfg["epochs"], stats, time.perf_counter() - epoch_start), flush=True)
         if last < cfg["epochs"]:
             print(f"stopped after epoch {last} (--stop-after-epoch); continue with --resume")

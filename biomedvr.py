@@ -65,6 +65,10 @@ Deviations from the paper / official code (the released Table-1 script, `experim
     order and each image's augmentation from (seed, epoch, image index) alone, in whichever
     worker process (`--workers`) loads it, and leaves cuDNN's defaults, so a GPU rerun can differ
     at float rounding. The same seed repeats a run on the CPU, with any number of workers.
+  * Images are decoded as a viewer shows them (`data.to_rgb`: EXIF orientation applied, alpha
+    composited on white, 16-bit and float images stretched from their finite range; one-colour or
+    over 20:1 images are refused); the official loader uses PIL's convert("RGB"). Both give the same
+    pixels for 8-bit RGB or grey files without an EXIF orientation tag.
   * Base-to-novel (`--subsample base`) is ours; the official code trains on all classes only.
 """
 import random
@@ -471,7 +475,7 @@ def main(args):
     optimizer, scheduler = make_optimizer(model, args, len(loader))
     print(runner.describe_trainable(model), f"{len(train.train)} training images,",
           f"{len(train.classnames)} classes, {len(loader)} steps/epoch; config {cfg}")
-    first = runner.restore_training_state(ckpt, model, optimizer, scheduler, loader) if ckpt else 1
+    first = runner.restore_training_state(ckpt, model, optimizer, scheduler) if ckpt else 1
     history = ckpt["history"] if ckpt else []  # --eval-every: test accuracy after epoch e
     eval_loaders = make_eval_loaders(evals, backbone.image_size, args)
     setup_s, train_start = time.perf_counter() - start, time.perf_counter()
@@ -488,7 +492,7 @@ def main(args):
                 history.append({"epoch": epoch, "test_accuracy": accuracy})
                 extra += f" test_acc {accuracy:.2f}"
             runner.check_finite(stats, epoch)
-            run.save_checkpoint(runner.training_state(model, args, epoch, optimizer, scheduler, loader,
+            run.save_checkpoint(runner.training_state(model, args, epoch, optimizer, scheduler,
                                                       class_text, history))
             print(runner.epoch_line(epoch, args.epochs, stats, time.perf_counter() - epoch_start, extra), flush=True)
         if last < args.epochs:

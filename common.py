@@ -1,6 +1,6 @@
 """The frozen backbone and what both methods compute with it: loading, the seams a prompt
 method needs inside the towers, text features, zero-shot logits, classification metrics,
-seeding, device and autocast, `UserError`. It imports no other file of this project.
+seeding, device and autocast, `UserError` and `OneLineParser`. It imports no project file.
 
 Backbones (`load_backbone`): biomedclip (hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_
 patch16_224), clip (OpenAI CLIP ViT-B/16), hf-hub:ORG/REPO (any open_clip hub model),
@@ -12,6 +12,7 @@ Two tower families, `Backbone.kind`: "timm-hf" (timm ViT + Hugging Face BERT: Bi
 
 Symbols: B batch, C classes, L tokens, N patches, D tower width, E joint embedding width.
 """
+import argparse
 import json
 import logging
 import os
@@ -29,6 +30,13 @@ import torch.nn.functional as F
 
 class UserError(Exception):
     """A problem with the user's input; the CLIs print its message (one line, at most two) and exit 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that answers a bad command line with one line (not the whole usage) and exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def one_line(error: BaseException) -> str:
@@ -60,15 +68,13 @@ class Backbone:
         model.eval()
         model.requires_grad_(False)
         if kind == "timm-hf":
-            self.num_blocks = len(model.visual.trunk.blocks)
-            self.image_width = model.visual.trunk.embed_dim
-            self.text_width = model.text.config.hidden_size
-            self.pad_id = model.text.config.pad_token_id
+            trunk, text = model.visual.trunk, model.text.config
+            self.num_blocks, self.image_width = len(trunk.blocks), trunk.embed_dim
+            self.text_width, self.pad_id = text.hidden_size, text.pad_token_id
         else:
-            self.num_blocks = len(model.visual.transformer.resblocks)
-            self.image_width = model.visual.transformer.width
-            self.text_width = model.transformer.width
-            self.pad_id = 0
+            tower = model.visual.transformer
+            self.num_blocks, self.image_width = len(tower.resblocks), tower.width
+            self.text_width, self.pad_id = model.transformer.width, 0
         self.embed_dim = self.encode_text(self.tokenize(["a"])).shape[-1]
 
     @property
@@ -153,9 +159,8 @@ def load_backbone(name: str = "biomedclip", device="cpu") -> Backbone:
         cfg = open_clip.get_model_preprocess_cfg(model)
         size, mean, std = cfg.get("size", 224), cfg.get("mean", OPENAI_MEAN), cfg.get("std", OPENAI_STD)
     else:
-        raise UserError(f"unknown backbone '{name}': use biomedclip, clip, "
-                        f"{', '.join(RANDOM_BACKBONES)}, hf-hub:ORG/REPO, local-dir:PATH "
-                        f"or an open_clip MODEL:PRETRAINED name")
+        raise UserError(f"unknown backbone '{name}': use biomedclip, clip, {', '.join(RANDOM_BACKBONES)}, "
+                        "hf-hub:ORG/REPO, local-dir:PATH or an open_clip MODEL:PRETRAINED name")
     size = size[0] if isinstance(size, (tuple, list)) else size
     kind = _tower_kind(model)
     return Backbone(model.to(device), tokenizer, name, kind, size, mean, std)
@@ -203,13 +208,11 @@ def _not_in_cache(error: BaseException) -> bool:
     transformers wrap the hub library's error: follow the chain of causes)."""
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-            return True
-        seen.add(id(error))
+    chain = []
+    while error is not None and error not in chain:  # each cause once: a chain can loop
+        chain.append(error)
         error = error.__cause__ or error.__context__
-    return False
+    return any(isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)) for e in chain)
 
 
 def _offline_recipe(name, full, repo, weights) -> str:
@@ -227,20 +230,19 @@ def _offline_recipe(name, full, repo, weights) -> str:
 
 
 def _tower_kind(model) -> str:
-    from open_clip.hf_model import HFTextEncoder
-    from open_clip.timm_model import TimmModel
-    from open_clip.transformer import VisionTransformer
+    import open_clip
 
-    if isinstance(model.visual, TimmModel) and isinstance(getattr(model, "text", None), HFTextEncoder):
+    if isinstance(model.visual, open_clip.timm_model.TimmModel) and \
+            isinstance(getattr(model, "text", None), open_clip.hf_model.HFTextEncoder):
         if getattr(model.visual.trunk, "global_pool", "token") != "token":
             raise UserError("this backbone's timm image tower does not pool the class token; "
                             "only class-token ViTs are supported")
         return "timm-hf"
-    if isinstance(model.visual, VisionTransformer) and hasattr(model, "token_embedding"):
+    if isinstance(model.visual, open_clip.transformer.VisionTransformer) and hasattr(model, "token_embedding"):
         return "openclip"
-    raise UserError(f"unsupported towers ({type(model.visual).__name__} + "
-                    f"{type(getattr(model, 'text', model)).__name__}); supported: timm ViT + "
-                    f"Hugging Face text (BiomedCLIP) and open_clip ViT + text transformer (CLIP)")
+    towers = f"{type(model.visual).__name__} + {type(getattr(model, 'text', model)).__name__}"
+    raise UserError(f"unsupported towers ({towers}); supported: timm ViT + Hugging Face text (BiomedCLIP), "
+                    "open_clip ViT + text transformer (CLIP)")
 
 
 def _load_local_dir(folder: Path):
@@ -298,8 +300,8 @@ _CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:-()'/%+!?\"&*=<>[]_")
 
 
 def _bert_vocab(size=None):
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + _WORDS + _CHARS + ["##" + c for c in _CHARS]
-    vocab = list(dict.fromkeys(vocab))
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = list(dict.fromkeys(specials + _WORDS + _CHARS + ["##" + c for c in _CHARS]))
     if size:
         vocab += [f"[unused{i}]" for i in range(size - len(vocab))]
     return vocab
@@ -370,8 +372,7 @@ def encode_sentences(backbone: Backbone, sentences, batch_size: int = 128):
 
 
 def class_text_features(backbone: Backbone, sentences_per_class):
-    """One normalised feature per sentence, grouped by class: a list of C tensors (m_c, E).
-    All sentences go through the tower together, once."""
+    """One normalised feature per sentence, grouped by class: C tensors (m_c, E), from one pass."""
     flat = [s for sentences in sentences_per_class for s in sentences]
     feats = encode_sentences(backbone, flat)
     return list(torch.split(feats, [len(s) for s in sentences_per_class]))

@@ -11,9 +11,15 @@ The few-shot subsets and base/novel classes follow the official pipeline (Dassl'
 split file and seed give the same images as the papers.
 
 `python data.py prompts FOLDER` writes a starter prompts.json (the class text) for your own folder.
+
+Sections, in order, each readable on its own: the registry; split files and image files (what
+counts as an image, the check before training); loading a dataset (benchmarks, your own folders);
+download; few-shot and base/novel; decoding images as a viewer shows them (`to_rgb`,
+`open_image`, DICOM through pydicom's display functions); the synthetic set; transforms and
+loaders (each random draw a function of seed, epoch and index); class text (schema, what each
+command needs, `check_text_fits`); the starter prompts.json.
 """
 
-import argparse
 import colorsys
 import contextlib
 import hashlib
@@ -41,7 +47,7 @@ import torchvision.transforms as T
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from common import UserError
+from common import OneLineParser, UserError, one_line
 
 # ---------------------------------------------------------------- registry
 
@@ -262,7 +268,7 @@ def _problem(path):
     except UserError as error:
         return "unreadable", str(error)
     except Exception as error:  # any of them would stop training later; report it now
-        return "unreadable", f"{type(error).__name__}: {' '.join(str(error).split())}"
+        return "unreadable", f"{type(error).__name__}: {one_line(error)}"
     return None
 
 
@@ -377,18 +383,15 @@ def check_every_class_trains(splits: Splits, source) -> None:
                         "every class needs at least one: add training images or drop the class")
 
 
-def _stratified_split(folder, seed):
-    """60/20/20 per class (at least one test image each), seeded; classes in folder-name order.
-
-    A class is a sub-folder; its images are every file below it (files_under: links followed,
-    hidden names left out) with an image extension or DICOM content. Everything is sorted before
-    the shuffle, so the split does not depend on the order the file system lists files.
-    """
-    class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith((".", "__")))
+def class_folders(folder) -> dict[str, Path]:
+    """{class name: its sub-folder} of your own folder, in folder-name order: a class is a sub-folder
+    (names starting with "." or "__" are not), its name the folder's with underscores as spaces,
+    in Unicode NFC; two folders giving one name are an error."""
+    class_dirs = sorted(d for d in Path(folder).iterdir() if d.is_dir() and not d.name.startswith((".", "__")))
     if not class_dirs:
         raise UserError(f"{folder} has no class sub-folders: put each class's images in "
                         f"{folder}/<class_name>/ (underscores become spaces), or add a split.json")
-    owners = {}  # class name -> the folder that gives it
+    owners = {}
     for class_dir in class_dirs:
         name = nfc(printable(class_dir.name).replace("_", " "))
         other = owners.setdefault(name, class_dir)
@@ -396,6 +399,17 @@ def _stratified_split(folder, seed):
             raise UserError(f"class folders {printable(other)} and {printable(class_dir)} both give the class "
                             f"name '{name}' (underscores become spaces, accents are compared composed): "
                             "merge or rename one")
+    return owners
+
+
+def _stratified_split(folder, seed):
+    """60/20/20 per class (at least one test image each), seeded; classes in folder-name order.
+
+    A class is a sub-folder; its images are every file below it (files_under: links followed,
+    hidden names left out) with an image extension or DICOM content. Everything is sorted before
+    the shuffle, so the split does not depend on the order the file system lists files.
+    """
+    owners = class_folders(folder)
     rng = random.Random(seed)
     parts = {split: [] for split in SPLIT_NAMES}
     skipped = []  # files in class folders that are not images; hidden files are left out silently
@@ -583,7 +597,7 @@ def subsample_classes(splits: Splits, subsample: str) -> Splits:
                   [splits.classnames[old] for old in kept], splits.name)
 
 
-# ---------------------------------------------------------------- images
+# ---------------------------------------------------------------- images as a viewer shows them
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """A new RGB image from any PIL mode, upright and as an image viewer shows it.
@@ -600,8 +614,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
-        finite = np.isfinite(values)
-        low, high = (values[finite].min(), values[finite].max()) if finite.any() else (0.0, 0.0)
+        finite, (low, high) = np.isfinite(values), finite_range(values)
         scaled = np.where(values == np.inf, 255.0, 0.0)
         if high > low:
             scaled[finite] = (values[finite] - low) * (255 / (high - low))
@@ -613,6 +626,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
             return Image.fromarray(rgba[..., :3].astype(np.uint8), "RGB")
         return Image.fromarray((rgba[..., :3] * alpha + 255 * (1 - alpha)).round().astype(np.uint8), "RGB")
     return image.convert("RGB")  # a copy even for RGB, so it outlives the opened file
+
+
+def finite_range(values) -> tuple[float, float]:
+    """(min, max) of the finite values of an array; (0, 0) when there are none."""
+    finite = values[np.isfinite(values)]
+    return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
 
 
 class BlankImage(UserError):
@@ -768,14 +787,14 @@ def open_dicom(path) -> Image.Image:
     except (RuntimeError, NotImplementedError) as error:  # pydicom's words for "no decoder for this"
         if syntax is not None and syntax.is_compressed:
             raise UserError(f"cannot decode DICOM file {path}: its pixel data is {syntax.name} "
-                            f"({' '.join(str(error).split())}); install a decoder: {DICOM_DECODERS}") from None
+                            f"({one_line(error)}); install a decoder: {DICOM_DECODERS}") from None
         raise UserError(f"cannot read DICOM file {path}: {type(error).__name__}: "
-                        f"{' '.join(str(error).split())}") from None
+                        f"{one_line(error)}") from None
     except Exception as error:  # a damaged file or header: pydicom raises many types for these
         if "less than expected" in str(error):
-            raise UserError(f"DICOM file {path} is truncated: {' '.join(str(error).split())}") from None
+            raise UserError(f"DICOM file {path} is truncated: {one_line(error)}") from None
         raise UserError(f"cannot read DICOM file {path}: {type(error).__name__}: "
-                        f"{' '.join(str(error).split())}") from None
+                        f"{one_line(error)}") from None
 
 
 def _frame_view(ds, index):
@@ -821,8 +840,7 @@ def _dicom_grey(pixels, ds):
         shown, low, high = values, None, None
     shown = np.asarray(shown, dtype=np.float64)
     if low is None:
-        finite = shown[np.isfinite(shown)]
-        low, high = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+        low, high = finite_range(shown)
     scaled = (shown - low) / (high - low) if high > low else np.zeros_like(shown)
     # Presentation LUT Shape INVERSE is how MONOCHROME1 files say it again; on MONOCHROME2 it inverts.
     inverse = (str(ds.get("PhotometricInterpretation")) == "MONOCHROME1"
@@ -830,6 +848,7 @@ def _dicom_grey(pixels, ds):
     return 1 - scaled if inverse else scaled
 
 
+# ---------------------------------------------------------------- the synthetic set
 SYNTHETIC_SIZES = {"train": 32, "val": 8, "test": 40}  # images per class
 SYNTHETIC_LOOKS = {  # class name -> (hue, shape, outline, fill); also the source of its class text
     "red disc": (0.0, "round disc", "a smooth round outline", "a solid even fill"),
@@ -876,6 +895,7 @@ def draw_synthetic(path: str) -> Image.Image:
     return Image.fromarray((np.clip(pixels, 0, 1) * 255).round().astype(np.uint8))
 
 
+# ---------------------------------------------------------------- transforms and loaders
 def build_transform(size: int, mean=None, std=None, train: bool = False, hflip: bool = False,
                     resize_first: bool = False):
     """CoOp's transforms at `size` (bicubic); no Normalize when mean/std are None (values in [0, 1]).
@@ -954,6 +974,23 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter([(i, draw_seed(self.seed, self.epoch, i)) for i in order])
 
 
+@contextlib.contextmanager
+def ctrl_c_held():
+    """Ctrl-C inside the block waits for its end and is raised there (main thread only: elsewhere
+    the block runs as it is). For writes that must finish once they start."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def ignore_ctrl_c(worker_id: int):
     """A loader worker leaves Ctrl-C to the main process, which stops the workers itself: a worker
     that took the SIGINT a terminal sends to the whole process group would print a traceback."""
@@ -966,26 +1003,15 @@ class Loader(torch.utils.data.DataLoader):
     process takes a Ctrl-C of those milliseconds right after and stops the workers itself."""
 
     def __iter__(self):
-        if self.num_workers == 0 or threading.current_thread() is not threading.main_thread():
+        with ctrl_c_held():  # a Ctrl-C is raised once the workers exist; they stop with the iterator
             return super().__iter__()
-        caught = []
-        previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
-        try:
-            iterator = super().__iter__()
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        if caught:
-            del iterator  # stops its workers
-            raise KeyboardInterrupt
-        return iterator
 
 
 def make_loader(dataset, batch_size: int, train: bool, seed: int, workers: int = 0, drop_last: bool = True):
     """Shuffled for training, ordered for test. A training loader drops the last partial batch
     when there is a full one (Dassl, BiomedAP); `drop_last=False` keeps every image (BioMedVR).
     The order and every augmentation follow from (seed, epoch, sample index): `EpochSampler`."""
-    # The loader's own seeded generator only seeds the workers' streams, which nothing draws from;
-    # checkpoints keep its state (common.training_state).
+    # Its own generator only seeds the workers' streams, which nothing draws from: the global one is left alone.
     return Loader(
         dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), seed, shuffle=train),
         drop_last=drop_last and train and len(dataset) >= batch_size,
@@ -1069,9 +1095,9 @@ def validate_class_text(text, source: str, method: str | None = None, classnames
     if not isinstance(classes, dict) or not classes:
         problems.append('"classes" must be an object with an entry per class')
         classes = {}
-    nfc = {}  # NFC name -> the key as written: names from folders are NFC, keys must match them
+    spelled = {}  # NFC name -> the key as written: names from folders are NFC, keys must match them
     for name in classes:
-        first = nfc.setdefault(unicodedata.normalize("NFC", name), name)
+        first = spelled.setdefault(nfc(name), name)
         if first != name:
             problems.append(f'classes "{first}" and "{name}" are the same name in Unicode NFC: merge them')
     for name, entry in classes.items():
@@ -1089,7 +1115,7 @@ def validate_class_text(text, source: str, method: str | None = None, classnames
             elif field in needs and not sentences:
                 problems.append(f'class "{name}": "{field}" is {"empty" if field in entry else "missing"}: '
                                 f"{reader} needs at least one sentence")
-    missing = [c for c in classnames or () if classes and unicodedata.normalize("NFC", c) not in nfc]
+    missing = [c for c in classnames or () if classes and nfc(c) not in spelled]
     if missing:
         problems.append(f"no text for the class(es) {', '.join(missing)}; its classes are "
                         f"{', '.join(classes)} (names must match the dataset's class names)")
@@ -1200,10 +1226,10 @@ def load_class_text(dataset: str, classnames: list[str], root: str = "data", met
         source = str(path)
     for warning in validate_class_text(text, source, method, classnames):
         print(f"warning: {warning}", file=sys.stderr)
-    classes = {unicodedata.normalize("NFC", name): entry for name, entry in text["classes"].items()}
+    classes = {nfc(name): entry for name, entry in text["classes"].items()}
     ctx_init = text.get("ctx_init", template_prefix(text["template"]).strip())
     return {"template": text["template"], "ctx_init": ctx_init,
-            "classes": {name: {field: list(classes[unicodedata.normalize("NFC", name)].get(field, []))
+            "classes": {name: {field: list(classes[nfc(name)].get(field, []))
                                for field in TEXT_FIELDS} for name in classnames}}
 
 
@@ -1228,18 +1254,17 @@ def check_text_fits(backbone, class_text, classnames, fields) -> None:
     flat = [s for sentences in groups.values() for s in sentences]
     if not flat:
         return
-    # No tokenizer makes more tokens than the text has bytes (after its clean-up): the full length
-    # fits in twice that; text is cut exactly where the full ids differ from the ids the tower gets.
+    # No tokenizer makes more tokens than the text has bytes (after its clean-up), so the untruncated
+    # ids fit in twice that; a sentence is cut when they are longer than the tower's context.
     full = tokenizer(flat, context_length=max(limit + 1, 2 * max(len(s.encode()) for s in flat) + 2))
     ids = tokenizer(flat, context_length=limit)  # (n, limit): what the tower reads
-    real = (full != backbone.pad_id).long() * torch.arange(1, full.shape[1] + 1)
-    lengths, cut = real.amax(1).tolist(), (full[:, :limit] != ids).any(1).tolist()
+    lengths = ((full != backbone.pad_id).long() * torch.arange(1, full.shape[1] + 1)).amax(1).tolist()
     keys, cuts, start = {}, {}, 0  # keys: (class, field) -> its ids as a tuple, or a set of tuples
     for (name, field), sentences in groups.items():
         rows = [tuple(row) for row in ids[start:start + len(sentences)].tolist()]
         keys[name, field] = rows[0] if field == "template" else frozenset(rows)
         for i in range(start, start + len(sentences)):
-            if cut[i]:
+            if lengths[i] > limit:
                 cuts.setdefault(name, {}).setdefault(field, []).append(lengths[i])
         start += len(sentences)
     if cuts:
@@ -1268,7 +1293,7 @@ def check_text_fits(backbone, class_text, classnames, fields) -> None:
                  for names in (same(lists) if lists else [])]
     if problems:
         raise UserError("\n".join(problems + [f"{len(problems)} problem(s) in the class text, listed above"]))
-    for field in lists if len(lists) > 1 else []:
+    for field in lists if len(lists) > 1 else []:  # one set of several shared: the others still differ
         for names in same([field]):
             print(f"warning: classes {', '.join(map(_short, names))} have the same {field} after tokenisation: those "
                   "do not tell them apart", file=sys.stderr)
@@ -1283,15 +1308,8 @@ def folder_classnames(folder) -> list[str]:
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder: give your dataset folder, with one sub-folder per class")
     if (folder / "split.json").is_file():
-        parts = read_split_file(folder / "split.json", image_dir=folder)
-        names = _classnames(sum(parts.values(), []))
-    else:
-        names = [d.name.replace("_", " ") for d in sorted(folder.iterdir())
-                 if d.is_dir() and not d.name.startswith((".", "__"))]
-    if not names:
-        raise UserError(f"{folder} has no class sub-folders: put each class's images in {folder}/<class_name>/ "
-                        "first, then write its class text")
-    return list(dict.fromkeys(unicodedata.normalize("NFC", name) for name in names))
+        return _classnames(sum(read_split_file(folder / "split.json", image_dir=folder).values(), []))
+    return list(class_folders(folder))
 
 
 def starter_class_text(classnames, template: str = "a photo of a {}.") -> dict:
@@ -1334,15 +1352,10 @@ def write_prompts_starter(folder, template: str = "a photo of a {}.") -> Path:
     return path
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def cli(argv=None):
     """python data.py prompts FOLDER [--template T]"""
-    parser = _OneLineParser(prog="python data.py", description="Helpers for your own dataset folder.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+    parser = OneLineParser(prog="python data.py", description="Helpers for your own dataset folder.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     prompts = commands.add_parser(
         "prompts", help="write a starter prompts.json for a folder",
         description="Write FOLDER/prompts.json: the template and, for every class of the folder, empty "

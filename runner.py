@@ -7,6 +7,12 @@ dataclass (each field carries its own range, and whether it may change on --resu
 and confusion.png, --eval-only, --predict, the --benchmark timing, the --check-setup preflight
 of a sweep, and Ctrl-C. It knows no method's flags by name. Imports run one way:
 method files -> runner -> data -> common.
+
+Sections, in order: arguments (`arg`, `RunArgs`, `parse_args`, `validate_args`); run folders
+(`run_dir`, `RunFolder`, `start_run`, `check_resume`); checkpoints and --resume; what a run
+prints; --eval-only; files (atomic writes, `write_metrics`, confusion.png); the command line
+(`run_cli`, the hub check); the benchmark harness; prediction (`Predictor`, `predict_cli`);
+the setup check.
 """
 import argparse
 import csv
@@ -14,13 +20,13 @@ import dataclasses
 import hashlib
 import json
 import math
+import operator
 import os
 import platform
 import random
 import re
 import resource
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -37,7 +43,8 @@ from filelock import FileLock, Timeout
 
 import common
 import data
-from common import BIOMEDCLIP, UserError, autocast, resolve_device
+from common import BIOMEDCLIP, OneLineParser, UserError, autocast, resolve_device
+from data import ctrl_c_held
 
 
 class Interrupted(Exception):
@@ -101,13 +108,6 @@ class RunArgs:
     out: str = arg("runs", "folder of run folders", metavar="DIR", resume_may_differ=True)
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that answers a bad command line with one line (not the whole usage) and exit 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 class HelpFormatter(argparse.HelpFormatter):
     """Each flag's help line, then its default when it says something (not "", [], none, off)."""
 
@@ -160,6 +160,10 @@ def parse_args(args_cls, argv=None, description: str = "", prog=None):
     return args_cls(**vars(build_parser(args_cls, description, prog).parse_args(argv)))
 
 
+BOUNDS = {"at_least": (">=", operator.ge), "above": (">", operator.gt), "below": ("<", operator.lt),
+          "at_most": ("<=", operator.le)}  # the range keywords of `arg`: their sign and their test
+
+
 def validate_args(args) -> None:
     """Check every field against the range its `arg` declares, before anything is loaded: whole
     numbers where a bounded int is expected, every real number finite (a NaN would train to
@@ -168,18 +172,15 @@ def validate_args(args) -> None:
         value, meta, flag = getattr(args, f.name), f.metadata, "--" + f.name.replace("_", "-")
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{flag} must be a finite number, not {value}")
-        bounds = [(meta.get(k), k) for k in ("at_least", "above", "below", "at_most") if meta.get(k) is not None]
+        bounds = [(meta[k], k) for k in BOUNDS if meta.get(k) is not None]
         if value is None or not bounds:
             continue
         if f.type in (int, "int") and type(value) is not int:
             raise UserError(f"{flag} must be a whole number, not {value}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{flag} must be a number, not {value}")
-        ok = {"at_least": value >= (meta.get("at_least") or 0), "above": value > (meta.get("above") or 0),
-              "below": value < (meta.get("below") or 0), "at_most": value <= (meta.get("at_most") or 0)}
-        words = {"at_least": ">=", "above": ">", "below": "<", "at_most": "<="}
-        if not all(ok[k] for _, k in bounds):
-            wanted = " and ".join(f"{words[k]} {b}" for b, k in bounds)
+        if not all(BOUNDS[k][1](value, b) for b, k in bounds):
+            wanted = " and ".join(f"{BOUNDS[k][0]} {b}" for b, k in bounds)
             kind = "a whole number" if type(value) is int and f.type in (int, "int") else "a number"
             raise UserError(f"{flag} must be {kind} {wanted}, not {value}")
 
@@ -311,28 +312,6 @@ class RunFolder:
             raise Interrupted(message) from None
 
 
-@contextmanager
-def ctrl_c_held():
-    """Ctrl-C inside the block waits for its end and is raised there (main thread only: elsewhere
-    the block runs as it is). For writes that must finish once they start."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
-
-
-def prepare_run_dir(folder: Path, overwrite: bool, resume: bool) -> RunFolder:
-    """Refuse to clobber a finished or interrupted run unless asked (see RunFolder)."""
-    return RunFolder(folder, overwrite, resume)
-
-
 def check_resume(saved_args: dict, args) -> None:
     """Refuse to resume with a setting that changes the numbers: every field whose `arg` does not
     say `resume_may_differ` (precision included)."""
@@ -356,10 +335,11 @@ def start_run(args, folder_of):
         raise UserError("--predictions names the CSV of --predict RUN_DIR IMAGES...: give --predict too")
     device = resolve_device(args.device)
     autocast(args.precision, device)  # refuses bf16 without CUDA
-    run = prepare_run_dir(folder, args.overwrite, args.resume)
+    run = RunFolder(folder, args.overwrite, args.resume)
     return args, device, run, resume_checkpoint(run, args) if args.resume else None
 
 
+# --------------------------------------------------------------------------- checkpoints and --resume
 def trainable_state(model) -> dict:
     """The learnable tensors of a method's model, on the CPU: what a run keeps."""
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
@@ -375,15 +355,14 @@ def load_trainable(model, state: dict):
             p.copy_(state[name])
 
 
-def training_state(model, args, epoch, optimizer, scheduler, loader, class_text, history=()) -> dict:
+def training_state(model, args, epoch, optimizer, scheduler, class_text, history=()) -> dict:
     """The checkpoint both methods write after every epoch: all that --resume needs to continue
     with exactly the numbers of an uninterrupted run, and the class names and class text that
     --predict needs (weights_only loadable)."""
     return {"trainable": trainable_state(model), "args": dataclasses.asdict(args), "script": script_of(type(args)),
-            "epoch": epoch,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-            "loader_generator": loader.generator.get_state(), "history": list(history),
-            "classnames": list(class_text["classes"]), "class_text": class_text}
+            "epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": rng_state(), "history": list(history), "classnames": list(class_text["classes"]),
+            "class_text": class_text}
 
 
 def resume_checkpoint(run: "RunFolder", args) -> dict:
@@ -394,17 +373,17 @@ def resume_checkpoint(run: "RunFolder", args) -> dict:
     return ckpt
 
 
-def restore_training_state(ckpt: dict, model, optimizer, scheduler, loader) -> int:
+def restore_training_state(ckpt: dict, model, optimizer, scheduler) -> int:
     """Put a training_state back; returns the first epoch still to train."""
     load_trainable(model, ckpt["trainable"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     set_rng_state(ckpt["rng"])
-    loader.generator.set_state(ckpt["loader_generator"])
     print(f"resuming after epoch {ckpt['epoch']}")
     return ckpt["epoch"] + 1
 
 
+# --------------------------------------------------------------------------- what a run prints
 def describe_trainable(model, group=()) -> str:
     """"trainable: name (shape) ..., = N parameters;" for the start of a run; the tensors of a
     module listed in `group` (e.g. each fusion module) are counted as one entry."""
@@ -448,6 +427,7 @@ def epoch_line(epoch: int, epochs: int, stats: dict, seconds: float, extra: str 
             f"{' ' + extra if extra else ''} time {seconds:.1f}s")
 
 
+# --------------------------------------------------------------------------- --eval-only
 def eval_only_args(cli, args_cls):
     """(checkpoint, arguments to evaluate with, the evaluation options this command line changed)."""
     validate_args(cli)
@@ -470,6 +450,7 @@ def write_eval_only(folder, args, metrics: dict, eval_s: float, given: dict, ext
     return record
 
 
+# --------------------------------------------------------------------------- files: atomic writes, metrics.json, pictures
 # What evaluation, prediction and summaries need from a finished run: the optimiser and random
 # states are dropped when a run ends (for BiomedAP they double the folder's size).
 FINISHED_CHECKPOINT_KEYS = ("trainable", "args", "script", "epoch", "history", "classnames", "class_text")
@@ -603,6 +584,7 @@ def plot_confusion(metrics: dict, path: Path, classnames=None):
     atomic_write_png(fig, path)
 
 
+# --------------------------------------------------------------------------- the command line
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether a TCP connection to the Hugging Face hub (HF_ENDPOINT, or the proxy in front of it)
     opens within `timeout` seconds. It runs in a thread: a stuck DNS lookup ignores socket timeouts."""
@@ -820,7 +802,7 @@ def predict_cli(args, load_run, batch_size: int = 32):
 
 
 # --------------------------------------------------------------------------- setup check
-def check_setup(args, needs=None) -> None:
+def check_setup(args) -> None:
     """`--check-setup DATASET...`: what a sweep needs, checked once before its first job: these
     flags are valid, the backbone loads, and every dataset is there (downloaded once with
     --download), its images open and its class text covers its classes (`needs`: the fields of

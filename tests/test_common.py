@@ -208,18 +208,18 @@ def test_run_folder_refuses_to_clobber(tmp_path):
     folder = runner.run_dir(str(tmp_path), "m", "btmri", 4, 1)
     assert folder == tmp_path / "m" / "btmri" / "4shot" / "seed1"
     assert runner.run_dir(str(tmp_path), "m", "btmri", 16, 2, "base").name == "seed2"
-    runner.prepare_run_dir(folder, overwrite=False, resume=False)
+    runner.RunFolder(folder, overwrite=False, resume=False)
     runner.save_checkpoint(folder / "checkpoint.pt", {"x": torch.ones(2)})
     with pytest.raises(UserError, match="--resume"):
-        runner.prepare_run_dir(folder, overwrite=False, resume=False)
+        runner.RunFolder(folder, overwrite=False, resume=False)
     runner.atomic_write_json(folder / "metrics.json", {"metrics": {}})
     with pytest.raises(UserError, match="--overwrite"):
-        runner.prepare_run_dir(folder, overwrite=False, resume=False)
+        runner.RunFolder(folder, overwrite=False, resume=False)
     with pytest.raises(UserError, match="contradict"):
-        runner.prepare_run_dir(folder, overwrite=True, resume=True)
+        runner.RunFolder(folder, overwrite=True, resume=True)
     # --overwrite keeps the old run until the new one has a checkpoint, then replaces it whole
     before = (folder / "checkpoint.pt").read_bytes()
-    run = runner.prepare_run_dir(folder, overwrite=True, resume=False)
+    run = runner.RunFolder(folder, overwrite=True, resume=False)
     assert (folder / "metrics.json").exists() and (folder / "checkpoint.pt").read_bytes() == before
     run.save_checkpoint({"x": torch.zeros(3)})
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt"]

@@ -183,13 +183,13 @@ def test_settings_that_cannot_train_are_refused_before_loading(name, bad, messag
 
 
 def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
-    first = runner.prepare_run_dir(tmp_path / "run", overwrite=False, resume=False)
+    first = runner.RunFolder(tmp_path / "run", overwrite=False, resume=False)
     with pytest.raises(UserError, match="another run is writing to"):
-        runner.prepare_run_dir(tmp_path / "run", overwrite=False, resume=False)
+        runner.RunFolder(tmp_path / "run", overwrite=False, resume=False)
     del first
     import gc
     gc.collect()  # the lock goes with its process (here: with the object)
-    runner.prepare_run_dir(tmp_path / "run", overwrite=False, resume=False)
+    runner.RunFolder(tmp_path / "run", overwrite=False, resume=False)
 
 
 def test_predict_uses_the_runs_own_class_text_and_path(tmp_path, capsys):
