@@ -19,11 +19,17 @@ be read; each line names the figure's block (or the abstract), then the code:
     Gated Cross-Modal Prompt Fusion, "Unified Interaction Space" (Fig. 1)  -> `GatedFusion.forward`
     text context: GT class in training, mean of classes at inference (Fig. 1)  -> `BiomedAP.forward`
     High Anchors: centroid of expert prompts (abstract, Fig. 1)  -> `high_anchor`
-    Low Anchors: few-shot visual prototypes (abstract; "{class}" released)  -> `low_anchor`
+    Low Anchors: few-shot visual prototypes (abstract; "{class}" released)  -> `prototype_anchor`, `text_anchor`
     logits s f t^T and anchor logits s f h^T (released code)  -> `BiomedAP.forward`
     L_ce, L1 to each anchor, KL to the anchor logits, alignment  -> `anchor_l1`, `anchor_kl`, `alignment_loss`
     Confidence-Aware Adaptive Loss, w = 1 + alpha H(p)/log C (abstract, Fig. 1)  -> `confidence_weight`
-    L = L_ce + w (L_high + L_low + L_kl) + L_align  -> `train_step`
+    L = L_ce + w (L_high + L_low + L_kl) + L_align  -> `biomedap_loss` (one step: `train_step`)
+    CoOp's transforms, SGD with one warm-up epoch then cosine (released)  -> `transforms`, `make_optimizer`
+
+In your own code (README, "Use a method in your own code"): `BiomedAP(backbone, classnames,
+template, ctx_init, n_ctx, high_anchor=..., low_anchor=...)`, then `train_step` (or
+`biomedap_loss`) per batch and `scheduler.step()` per epoch. Training passes each image's own
+class context (`model.prompt_learner.class_context()[labels]`); inference passes none.
 
 Prompt perturbations (`--robustness`, ours: deviation 12): the learned context keeps positions
 1..M and the rest of the prompt (the "fixed part") is replaced. "clinical" is the trained prompt;
@@ -68,18 +74,16 @@ Deviations (from the paper, the official code, or both):
 """
 import dataclasses
 import math
-import time
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms as T
 from tqdm import tqdm
 
 import common
-import data
-import runner
-from common import UserError
-from runner import arg, list_arg
+from common import UserError, arg, list_arg
 
 # Official per-dataset configuration (configs/trainers/BiomedAP/*): n_ctx, few-shot and
 # base-to-novel (lambda_high, lambda_kl, lambda_low). Hyper-parameters, not code.
@@ -103,45 +107,20 @@ N_PROMPTS = {"all": 40, "base": 50}  # expert descriptions per class in the high
 REFERENCE_DEPTH, REFERENCE_FUSION = 12, (5, 8)  # the paper's blocks 5 and 8 of a 12-block ViT
 
 
-@dataclasses.dataclass
-class Args(runner.RunArgs):  # + the run flags (--eval-only, --resume, --device, --out, ...)
-    dataset: str = arg("btmri", "benchmark (btmri, busi, ...), synthetic, or your own folder of class sub-folders")
-    shots: int = arg(16, "K labelled training images per class", at_least=1)
-    seed: int = arg(1, "seed of the few-shot subset, the initialisation and the data order", at_least=0)
-    subsample: str = arg("all", "all: few-shot on every class; base: train on base classes, test base and novel",
-                         ["all", "base"])
-    backbone: str = arg("biomedclip", "frozen backbone: biomedclip, clip, hf-hub:ORG/REPO, local-dir:PATH, tiny")
-    # the method (official configs/trainers/BiomedAP defaults)
-    variant: str = arg("paper", "paper: the method as published; official: the released code's behaviour",
-                       ["paper", "official"])
-    n_ctx: int = arg(None, "M context tokens; none: official per-dataset value, else all ctx_init tokens", at_least=1)
-    n_prompts: int = arg(None, "expert descriptions per class in the high anchor; none: 40, b2n 50", at_least=1)
-    prompt_tokens: int = arg(4, "P visual prompt tokens (official 4)", at_least=1)
-    fusion_layers: list = list_arg(int, "blocks that get the gated fusion (0-based); none given: 5 and 8 of 12, "
-                                        "scaled to the depth", metavar="BLOCK")
-    fusion_heads: int = arg(8, "heads of the fusion cross-attention (official 8)", at_least=1)
-    fusion_dropout: float = arg(0.1, "dropout in the fusion attention and feed-forward (official 0.1)",
-                                at_least=0, below=1)
-    lambda_high: float = arg(None, "weight of L1 to the high anchor; none: official per-dataset table", at_least=0)
-    lambda_kl: float = arg(None, "weight of KL to the anchor logits; none: official per-dataset table", at_least=0)
-    lambda_low: float = arg(None, "weight of L1 to the low anchor; none: official per-dataset table", at_least=0)
-    lambda_align: float = arg(None, "weight of the fusion alignment loss; none: official 0.1", at_least=0)
-    alpha: float = arg(1.0, "confidence-aware weight w = 1 + alpha * normalised entropy (paper variant)",
-                       at_least=0)
-    # optimisation
-    epochs: int = arg(None, "training epochs; none: official 100 few-shot, 50 base-to-novel", at_least=1)
-    batch_size: int = arg(4, "training batch size (official 4)", at_least=1)
-    lr: float = arg(0.0025, "SGD learning rate, cosine per epoch (official)", above=0)
-    warmup_lr: float = arg(1e-5, "constant learning rate of the one warm-up epoch (official)", above=0)
-    momentum: float = arg(0.9, "SGD momentum (official)", at_least=0, below=1)
-    weight_decay: float = arg(5e-4, "SGD weight decay (official)", at_least=0)
-    # evaluation
-    test_batch_size: int = arg(100, "evaluation batch size (official 100)", at_least=1, resume_may_differ=True,
-                               eval_option=True)
-    infer_context: str = arg("mean", "text context the fusion sees at test time", ["mean", "per-class"],
-                             resume_may_differ=True, eval_option=True)
-    robustness: bool = arg(False, "also evaluate under prompt perturbations (see the docstring)",
-                           resume_may_differ=True, eval_option=True)
+def official_settings(dataset: str, subsample: str = "all") -> dict:
+    """The released code's values for a benchmark (`btmri`, ...; few-shot "all" or base-to-novel
+    "base"): n_ctx (None where there is no per-dataset value: use all ctx_init tokens,
+    `context_tokens`), the loss weights, epochs and the descriptions per class in the high anchor.
+    Other datasets (your own, synthetic) get the released global defaults."""
+    n_ctx, few, b2n = OFFICIAL.get(dataset.lower(), (None, GLOBAL_LAMBDAS, GLOBAL_LAMBDAS))
+    high, kl, low = few if subsample == "all" else b2n
+    return {"n_ctx": n_ctx, "lambda_high": high, "lambda_kl": kl, "lambda_low": low, "lambda_align": LAMBDA_ALIGN,
+            "epochs": EPOCHS[subsample], "n_prompts": N_PROMPTS[subsample]}
+
+
+def context_tokens(backbone, ctx_init: str) -> int:
+    """The number of tokens of ctx_init (without start and end): the default M."""
+    return int((backbone.tokenize([ctx_init])[0] != backbone.pad_id).sum()) - 2
 
 
 # --------------------------------------------------------------------------- text prompt learner
@@ -254,6 +233,9 @@ class BiomedAP(nn.Module):
                  high_anchor=None, low_anchor=None):
         super().__init__()
         self.backbone, self.variant, self.infer_context = backbone, variant, infer_context
+        self.settings = dict(template=template, ctx_init=ctx_init, n_ctx=n_ctx, variant=variant,  # for_classes
+                             prompt_tokens=prompt_tokens, fusion_layers=list(fusion_layers), heads=heads,
+                             dropout=dropout, infer_context=infer_context)
         depth, width = backbone.num_blocks, backbone.image_width
         self.fusion_layers = list(fusion_layers) or default_fusion_layers(depth)
         layers = self.fusion_layers
@@ -339,23 +321,27 @@ class BiomedAP(nn.Module):
 
 
 # --------------------------------------------------------------------------- anchors
-def high_anchor(backbone, class_text, classnames, n_prompts):
-    """h_c = norm(mean_m norm(E_T(description_{c,m}))) over the first n_prompts descriptions: (C, E)."""
-    return common.class_centroids(backbone, [class_text["classes"][c]["descriptions"][:n_prompts] for c in classnames])
+def high_anchor(backbone, descriptions):
+    """High anchor h_c = norm(mean_m norm(E_T(description_{c,m}))): descriptions is one list of
+    expert sentences per class, in class order -> (C, E)."""
+    return common.class_centroids(backbone, descriptions)
 
 
 @torch.no_grad()
-def low_anchor(backbone, variant, classnames, support=None):
-    """official: l_c = norm(E_T("{class}")); paper: the few-shot visual prototype
-    l_c = norm(mean_k norm(E_I(x_{c,k}))) of the frozen, unprompted image tower, from `support`
-    batches (images, labels) of the K support images with the test transform: (C, E)."""
-    if variant == "official":
-        return common.encode_sentences(backbone, list(classnames))
-    feats = torch.zeros(len(classnames), backbone.embed_dim, device=backbone.device)
+def prototype_anchor(backbone, support, num_classes: int):
+    """Low anchor of the paper: the few-shot visual prototype l_c = norm(mean_k norm(E_I(x_{c,k})))
+    of the frozen, unprompted image tower, from `support` batches (images (B, 3, S, S) under the
+    test transform, labels (B,)) holding the K support images -> (C, E)."""
+    feats = torch.zeros(num_classes, backbone.embed_dim, device=backbone.device)
     for images, labels in support:
         f = F.normalize(backbone.encode_image(images.to(backbone.device)).float(), dim=-1)  # (B, E)
         feats.index_add_(0, labels.to(feats.device), f)
     return F.normalize(feats, dim=-1)
+
+
+def text_anchor(backbone, classnames):
+    """Low anchor of the released code: l_c = norm(E_T("{class}")) -> (C, E)."""
+    return common.encode_sentences(backbone, list(classnames))
 
 
 # --------------------------------------------------------------------------- losses
@@ -384,111 +370,75 @@ def confidence_weight(logits, alpha):
     return 1 + alpha * entropy.mean()
 
 
-# --------------------------------------------------------------------------- training step
-def train_step(model, images, labels, optimizer, lam, args):
-    """One optimisation step; returns the logged loss terms and the logits. Needs a model built with
-    both anchors (`build_model(..., support=...)`); one built for evaluation has none."""
-    if model.high_anchor is None or model.low_anchor is None:
-        raise ValueError("this BiomedAP model was built without anchors (for evaluation or prediction) "
-                         "and cannot train: build it with support batches")
-    with common.autocast(args.precision, images.device):
-        context = model.prompt_learner.class_context()[labels]                    # (B, M, Dt)
-        out = model(images, context=context)
-        logits = out["logits"].float()
-        ce = F.cross_entropy(logits, labels)
-        high = lam["high"] * anchor_l1(out["text_features"], model.high_anchor)
-        low = lam["low"] * anchor_l1(out["text_features"], model.low_anchor)
-        kl = lam["kl"] * anchor_kl(logits, out["anchor_logits"].float(), detach_teacher=args.variant == "paper")
-        align = lam["align"] * alignment_loss(out["fused_text"], context)
-        w = confidence_weight(logits, args.alpha) if args.variant == "paper" else torch.ones(())
-        loss = ce + w * (high + low + kl) + align
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    terms = {"loss": loss, "ce": ce, "high": high, "low": low, "kl": kl, "align": align, "w": w}
-    return {k: float(v.detach()) for k, v in terms.items()}, logits.detach()
+def biomedap_loss(out, labels, high_anchor, low_anchor, variant="paper", lambda_high=12.5, lambda_kl=0.25,
+                  lambda_low=0.3, lambda_align=0.1, alpha=1.0):
+    """L = L_ce + w (L_high + L_low + L_kl) + L_align from the model's training forward `out`
+    (logits (B, C), text_features (C, E), anchor_logits (B, C), fused_text, context). The
+    weights default to the released global defaults (`official_settings` has the per-dataset
+    table); w = 1 in the official variant. Returns every term, weighted, and the total "loss"."""
+    logits = out["logits"].float()
+    ce = F.cross_entropy(logits, labels)
+    high = lambda_high * anchor_l1(out["text_features"], high_anchor)
+    low = lambda_low * anchor_l1(out["text_features"], low_anchor)
+    kl = lambda_kl * anchor_kl(logits, out["anchor_logits"].float(), detach_teacher=variant == "paper")
+    align = lambda_align * alignment_loss(out["fused_text"], out["context"])
+    w = confidence_weight(logits, alpha) if variant == "paper" else torch.ones(())
+    loss = ce + w * (high + low + kl) + align
+    return {"loss": loss, "ce": ce, "high": high, "low": low, "kl": kl, "align": align, "w": w}
 
 
-# =========================================================================== plumbing
-def resolve(args, dataset, backbone, ctx_init):
-    """The per-dataset official values for every knob left at none."""
-    key = dataset.lower()
-    n_ctx, few, b2n = OFFICIAL.get(key, (None, GLOBAL_LAMBDAS, GLOBAL_LAMBDAS))
-    table = few if args.subsample == "all" else b2n
-    if n_ctx is None:
-        n_ctx = int((backbone.tokenize([ctx_init])[0] != backbone.pad_id).sum()) - 2
-    pick = lambda value, default: default if value is None else value  # noqa: E731
-    return {"n_ctx": pick(args.n_ctx, n_ctx), "epochs": pick(args.epochs, EPOCHS[args.subsample]),
-            "n_prompts": pick(args.n_prompts, N_PROMPTS[args.subsample]),
-            "lambda": {"high": pick(args.lambda_high, table[0]), "kl": pick(args.lambda_kl, table[1]),
-                       "low": pick(args.lambda_low, table[2]), "align": pick(args.lambda_align, LAMBDA_ALIGN)}}
+# --------------------------------------------------------------------------- training recipe
+def transforms(backbone):
+    """CoOp's (train, test) transforms for RGB PIL images, at the backbone's input size S:
+    random-resized crop (8-100% of the area, bicubic, no flip) / resize and centre crop; then
+    ToTensor and the backbone's normalisation -> (3, S, S)."""
+    S, bicubic = backbone.image_size, T.InterpolationMode.BICUBIC
+    tail = [T.ToTensor(), T.Normalize(backbone.mean, backbone.std)]
+    return (T.Compose([T.RandomResizedCrop(S, scale=(0.08, 1.0), interpolation=bicubic), *tail]),
+            T.Compose([T.Resize(S, interpolation=bicubic), T.CenterCrop(S), *tail]))
 
 
-def build_model(backbone, classnames, text, cfg, args, device, support=None):
-    """The model for `classnames`; for training (`support` batches given) also its two anchors."""
-    high = low = None
-    if support is not None:
-        high = high_anchor(backbone, text, classnames, cfg["n_prompts"])
-        low = low_anchor(backbone, args.variant, classnames, support)
-    model = BiomedAP(backbone, classnames, text["template"], text["ctx_init"], cfg["n_ctx"], args.variant,
-                     args.prompt_tokens, args.fusion_layers, args.fusion_heads, args.fusion_dropout,
-                     args.infer_context, high, low)
-    return model.to(device)
-
-
-def lr_factor(epoch, args, epochs):
+def lr_factor(epoch: int, epochs: int, lr: float, warmup_lr: float) -> float:
     """Learning rate / lr at 0-based `epoch`: one constant warm-up epoch at warmup_lr, then cosine
     over the epochs, stepped once per epoch (Dassl's schedule)."""
-    return args.warmup_lr / args.lr if epoch == 0 else (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
+    return warmup_lr / lr if epoch == 0 else (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
 
 
-def setup(args, device, anchors=True):
-    """(backbone, model, train, evals, text, cfg), as in both method files: the frozen backbone; the
-    model (with both anchors if `anchors`: training needs them); the training classes' few-shot
-    splits; the evaluation blocks {"test"} or {"base", "novel"}; the class text; the resolved
-    configuration (official per-dataset values for the knobs left at none)."""
-    backbone = common.load_backbone(args.backbone, device)
-    splits = data.load_splits(args.dataset, args.root, args.download, image_size=backbone.image_size)
-    splits = data.few_shot_splits(splits, args.shots, args.seed)
-    train = data.subsample_classes(splits, args.subsample)
-    evals = {"test": train} if args.subsample == "all" else {"base": train,
-                                                             "novel": data.subsample_classes(splits, "novel")}
-    text = data.load_class_text(args.dataset, splits.classnames, args.root, method="biomedap")
-    data.check_text_fits(backbone, text, splits.classnames, data.CLASS_TEXT_ENCODES["biomedap"])
-    cfg = resolve(args, args.dataset, backbone, text["ctx_init"])
-    support = make_eval_loader(train.train, backbone, dataclasses.replace(args, workers=0)) if anchors else None
-    model = build_model(backbone, train.classnames, text, cfg, args, device, support)
-    return backbone, model, train, evals, text, cfg
-
-
-def make_train_loader(train, backbone, args):
-    """CoOp's augmentation (random-resized crop, no flip), drawn from (seed, epoch, image index);
-    the last partial batch is dropped when a full one exists (Dassl)."""
-    transform = data.build_transform(backbone.image_size, backbone.mean, backbone.std, train=True)
-    return data.make_loader(data.ImageDataset(train.train, transform), args.batch_size, True, args.seed, args.workers)
-
-
-def make_eval_loader(items, backbone, args):
-    transform = data.build_transform(backbone.image_size, backbone.mean, backbone.std, train=False)
-    return data.make_loader(data.ImageDataset(items, transform), args.test_batch_size, False, args.seed, args.workers)
-
-
-def make_optimizer(model, args, epochs):
-    """SGD on the learnable tensors; the schedule of `lr_factor`, stepped once per epoch."""
+def make_optimizer(model, epochs: int, lr=0.0025, momentum=0.9, weight_decay=5e-4, warmup_lr=1e-5):
+    """SGD on the learnable tensors with the schedule of `lr_factor` (call scheduler.step() once an
+    epoch); the defaults are the released ones."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(epoch, args, epochs))
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, epochs, lr, warmup_lr))
     return optimizer, scheduler
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, args, device, lam):
-    """One pass over the training images (the scheduler steps once, at the end): the mean of each
-    loss term, the training accuracy and the epoch's learning rate."""
+def train_step(model, images, labels, optimizer, precision="fp32", **loss_weights):
+    """One optimisation step on images (B, 3, S, S) and labels (B,): the model sees the context of
+    each image's own class (training only; inference takes no labels). Returns the logged loss
+    terms and the logits. `loss_weights` go to `biomedap_loss`. Raises ValueError for a model
+    built without anchors (one for evaluation or prediction)."""
+    if model.high_anchor is None or model.low_anchor is None:
+        raise ValueError("this BiomedAP model was built without anchors (for evaluation or prediction) "
+                         "and cannot train: give it high_anchor and low_anchor")
+    with common.autocast(precision, images.device):
+        context = model.prompt_learner.class_context()[labels]                    # (B, M, Dt)
+        out = model(images, context=context)
+        terms = biomedap_loss(out, labels, model.high_anchor, model.low_anchor, model.variant, **loss_weights)
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    optimizer.step()
+    return {k: float(v.detach()) for k, v in terms.items()}, out["logits"].detach()
+
+
+def train_one_epoch(model, batches, optimizer, scheduler, device, precision="fp32", **loss_weights):
+    """One pass over `batches` of (images, labels), then one scheduler step: the mean of each loss
+    term, the training accuracy (%) and the epoch's learning rate."""
     model.train()
     sums, correct, seen, lr = {}, 0, 0, optimizer.param_groups[0]["lr"]
-    for images, labels in tqdm(loader, desc="train", leave=False, disable=None):
+    for images, labels in tqdm(batches, desc="train", leave=False, disable=None):
         images, labels = images.to(device), labels.to(device)
-        terms, logits = train_step(model, images, labels, optimizer, lam, args)
+        terms, logits = train_step(model, images, labels, optimizer, precision, **loss_weights)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v * len(labels)
         correct += int((logits.argmax(-1) == labels).sum())
@@ -498,13 +448,13 @@ def train_one_epoch(model, loader, optimizer, scheduler, args, device, lam):
 
 
 @torch.no_grad()
-def image_features(model, loader, args, device):
-    """Inference image features (n, E) or (n, C, E) per class, and labels (n,)."""
+def image_features(model, batches, device, precision="fp32"):
+    """Inference image features (n, E), or (n, C, E) with per-class inference, and labels (n,)."""
     model.eval()
     text = model.text_features()
     feats, labels = [], []
-    for images, y in tqdm(loader, desc="evaluate", leave=False, disable=None):
-        with common.autocast(args.precision, device):
+    for images, y in tqdm(batches, desc="evaluate", leave=False, disable=None):
+        with common.autocast(precision, device):
             feats.append(model(images.to(device), text_features=text)["image_features"].float())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
@@ -517,22 +467,18 @@ def score(model, feats, text):
 
 
 @torch.no_grad()
-def evaluate(model, loader, args, device):
-    """Classification metrics of one evaluation split."""
-    feats, labels = image_features(model, loader, args, device)
-    return common.classification_metrics(score(model, feats, model.text_features()), labels,
-                                         len(model.prompt_learner.ids))
-
-
-@torch.no_grad()
-def evaluate_with_robustness(model, loader, args, device, text, classnames):
-    """Test metrics and the accuracy under each prompt perturbation; the image features do not
-    depend on the fixed part of the prompt, so they are computed once and re-scored."""
-    feats, labels = image_features(model, loader, args, device)
-    C = len(classnames)
+def evaluate(model, batches, device, precision="fp32", perturbed=None):
+    """Classification metrics (common.classification_metrics) on `batches` of (images, labels).
+    With `perturbed` ({name: one sentence per class}, e.g. the "clinical" prompt and its
+    perturbations), also {"accuracy": {name: %}, "mean_drop": mean drop from "clinical"}: the
+    image features do not depend on the fixed part of the prompt, so they are computed once."""
+    feats, labels = image_features(model, batches, device, precision)
+    C = len(model.prompt_learner.ids)
     metrics = common.classification_metrics(score(model, feats, model.text_features()), labels, C)
+    if perturbed is None:
+        return metrics
     accuracy = {}
-    for name, sentences in data.perturbed_sentences(text, classnames).items():
+    for name, sentences in perturbed.items():
         ids, embeds = model.prompt_learner.fixed_part(sentences)
         accuracy[name] = common.classification_metrics(score(model, feats, model.text_features(embeds, ids)),
                                                        labels, C)["accuracy"]
@@ -540,91 +486,163 @@ def evaluate_with_robustness(model, loader, args, device, text, classnames):
     return metrics, {"accuracy": accuracy, "mean_drop": sum(drops) / len(drops)}
 
 
-def evaluate_all(model, backbone, train, evals, text, cfg, args, device):
+def for_classes(model, classnames):
+    """The same learned tensors with prompts for other class names (base-to-novel's novel
+    classes), without anchors: a model for evaluation."""
+    other = BiomedAP(model.backbone, classnames, **model.settings)
+    other.load_state_dict(model.state_dict(), strict=True)
+    return other.to(model.prompt_learner.ctx.device)
+
+
+# =========================================================================== command line
+@dataclasses.dataclass
+class Args:  # the method's knobs; runner.py adds the experiment (--dataset, --shots, --seed,
+    # --subsample, --backbone) and the run flags (--eval-only, --resume, --device, --out, ...)
+    # the method (official configs/trainers/BiomedAP defaults)
+    variant: str = arg("paper", "paper: the method as published; official: the released code's behaviour",
+                       ["paper", "official"])
+    n_ctx: int = arg(None, "M context tokens; none: official per-dataset value, else all ctx_init tokens", at_least=1)
+    n_prompts: int = arg(None, "expert descriptions per class in the high anchor; none: 40, b2n 50", at_least=1)
+    prompt_tokens: int = arg(4, "P visual prompt tokens (official 4)", at_least=1)
+    fusion_layers: list = list_arg(int, "blocks that get the gated fusion (0-based); none given: 5 and 8 of 12, "
+                                        "scaled to the depth", metavar="BLOCK")
+    fusion_heads: int = arg(8, "heads of the fusion cross-attention (official 8)", at_least=1)
+    fusion_dropout: float = arg(0.1, "dropout in the fusion attention and feed-forward (official 0.1)",
+                                at_least=0, below=1)
+    lambda_high: float = arg(None, "weight of L1 to the high anchor; none: official per-dataset table", at_least=0)
+    lambda_kl: float = arg(None, "weight of KL to the anchor logits; none: official per-dataset table", at_least=0)
+    lambda_low: float = arg(None, "weight of L1 to the low anchor; none: official per-dataset table", at_least=0)
+    lambda_align: float = arg(None, "weight of the fusion alignment loss; none: official 0.1", at_least=0)
+    alpha: float = arg(1.0, "confidence-aware weight w = 1 + alpha * normalised entropy (paper variant)",
+                       at_least=0)
+    # optimisation
+    epochs: int = arg(None, "training epochs; none: official 100 few-shot, 50 base-to-novel", at_least=1)
+    batch_size: int = arg(4, "training batch size (official 4)", at_least=1)
+    lr: float = arg(0.0025, "SGD learning rate, cosine per epoch (official)", above=0)
+    warmup_lr: float = arg(1e-5, "constant learning rate of the one warm-up epoch (official)", above=0)
+    momentum: float = arg(0.9, "SGD momentum (official)", at_least=0, below=1)
+    weight_decay: float = arg(5e-4, "SGD weight decay (official)", at_least=0)
+    # evaluation
+    test_batch_size: int = arg(100, "evaluation batch size (official 100)", at_least=1, resume_may_differ=True,
+                               eval_option=True)
+    infer_context: str = arg("mean", "text context the fusion sees at test time", ["mean", "per-class"],
+                             resume_may_differ=True, eval_option=True)
+    robustness: bool = arg(False, "also evaluate under prompt perturbations (see the docstring)",
+                           resume_may_differ=True, eval_option=True)
+
+
+# What the run machinery (runner.py: run folders, resume, --eval-only, --predict, --benchmark)
+# calls; a method copied into another project needs none of it.
+NAME = "biomedap"  # the class text it reads: descriptions, and ctx_init
+TRAINABLE_GROUPS = ("fusion",)  # each fusion module is listed as one entry at the start of a run
+
+
+def run_name(args) -> str:
+    return "biomedap" if args.variant == "paper" else "biomedap-official"
+
+
+def configure(args, backbone, class_text) -> dict:
+    """The released per-dataset values for every knob left at none."""
+    official = official_settings(args.dataset, args.subsample)
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    n_ctx = official["n_ctx"] or context_tokens(backbone, class_text["ctx_init"])
+    return {"n_ctx": pick(args.n_ctx, n_ctx), "epochs": pick(args.epochs, official["epochs"]),
+            "n_prompts": pick(args.n_prompts, official["n_prompts"]),
+            "lambda": {"high": pick(args.lambda_high, official["lambda_high"]),
+                       "kl": pick(args.lambda_kl, official["lambda_kl"]),
+                       "low": pick(args.lambda_low, official["lambda_low"]),
+                       "align": pick(args.lambda_align, official["lambda_align"])}}
+
+
+def input_size(args, backbone) -> int:
+    return backbone.image_size
+
+
+def transforms_for(args, backbone):
+    return transforms(backbone)
+
+
+def loader_settings(cfg, args) -> dict:
+    return {"batch_size": args.batch_size, "test_batch_size": args.test_batch_size, "drop_last": True}
+
+
+def build(backbone, classnames, class_text, cfg, args, support=None):
+    """The model for `classnames`; with `support` batches (training) also its two anchors."""
+    high = low = None
+    if support is not None:
+        classes = class_text["classes"]
+        high = high_anchor(backbone, [classes[c]["descriptions"][:cfg["n_prompts"]] for c in classnames])
+        low = (prototype_anchor(backbone, support, len(classnames)) if args.variant == "paper"
+               else text_anchor(backbone, classnames))
+    return BiomedAP(backbone, classnames, class_text["template"], class_text["ctx_init"], cfg["n_ctx"],
+                    args.variant, args.prompt_tokens, args.fusion_layers, args.fusion_heads, args.fusion_dropout,
+                    args.infer_context, high, low)
+
+
+def loss_weights(cfg, args) -> dict:
+    lam = cfg["lambda"]
+    return {"lambda_high": lam["high"], "lambda_kl": lam["kl"], "lambda_low": lam["low"],
+            "lambda_align": lam["align"], "alpha": args.alpha}
+
+
+def make_optimizer_for(model, cfg, args, steps_per_epoch):
+    return make_optimizer(model, cfg["epochs"], args.lr, args.momentum, args.weight_decay, args.warmup_lr)
+
+
+def train_epoch(model, loader, optimizer, scheduler, cfg, args, device):
+    return train_one_epoch(model, loader, optimizer, scheduler, device, args.precision, **loss_weights(cfg, args))
+
+
+def after_epoch(model, epoch, cfg, args, device, test_loader):
+    return "", None  # nothing to add to the epoch line, no record
+
+
+def evaluate_run(model, backbone, evals, loaders, class_text, cfg, args, device, perturbed=None):
     """Few-shot: {"test"} (and "robustness"). Base-to-novel: {"base", "novel", "harmonic_mean"}:
     the same learned tensors with prompts rebuilt for the novel class names."""
-    loader = make_eval_loader(train.test, backbone, args)
-    if args.robustness:
-        first, robustness = evaluate_with_robustness(model, loader, args, device, text, train.classnames)
-    else:
-        first, robustness = evaluate(model, loader, args, device), None
-    metrics = {"test" if args.subsample == "all" else "base": first}
+    first = "test" if args.subsample == "all" else "base"
+    result = evaluate(model, loaders[first], device, args.precision, perturbed)
+    metrics = {first: result[0]} if perturbed is not None else {first: result}
     if args.subsample == "base":
-        novel = evals["novel"]
-        novel_model = build_model(backbone, novel.classnames, text, cfg, args, device)
-        novel_model.load_state_dict(model.state_dict(), strict=True)
-        metrics["novel"] = evaluate(novel_model, make_eval_loader(novel.test, backbone, args), args, device)
+        novel = for_classes(model, evals["novel"].classnames)
+        metrics["novel"] = evaluate(novel, loaders["novel"], device, args.precision)
         metrics["harmonic_mean"] = common.harmonic_mean(metrics["base"]["accuracy"], metrics["novel"]["accuracy"])
-    if robustness is not None:
-        metrics["robustness"] = robustness
+    if perturbed is not None:
+        metrics["robustness"] = result[1]
     return metrics
 
 
-def classnames_of(evals):
-    """Class names per evaluation block, for the axes of confusion.png."""
-    return {name: split.classnames for name, split in evals.items()}
-
-
-def folder_of(args):
-    """runs/[<backbone>/]biomedap[-official]/<dataset>/<K>shot[_base2novel]/seed<S>/"""
-    method = "biomedap" if args.variant == "paper" else "biomedap-official"
-    return runner.run_dir(args.out, method, args.dataset, args.shots, args.seed, args.subsample, args.backbone)
-
-
-def eval_only(cli):
-    """Evaluate a finished run with its saved arguments (evaluation options given on this command
-    line win, e.g. --robustness) and rewrite its metrics.json."""
-    ckpt, args, given = runner.eval_only_args(cli, Args)
-    device = common.resolve_device(args.device)
-    backbone, model, train, evals, text, cfg = setup(args, device, anchors=False)
-    if ckpt["epoch"] < cfg["epochs"]:
-        raise UserError(f"{cli.eval_only} is unfinished (epoch {ckpt['epoch']} of {cfg['epochs']}): "
-                        f"finish it with --resume")
-    runner.load_trainable(model, ckpt["trainable"])
-    start = time.perf_counter()
-    metrics = evaluate_all(model, backbone, train, evals, text, cfg, args, device)
-    runner.write_eval_only(cli.eval_only, args, metrics, time.perf_counter() - start, given,
-                           {"config": cfg, "shots_per_class": data.shots_per_class(train)}, classnames_of(evals))
-    print(runner.summary_line(metrics), f"-> {cli.eval_only}/metrics.json")
+def final_metrics(metrics, history, cfg, args):
     return metrics
 
 
-def load_run(run_dir, device="cpu", backbone=None):
-    """A finished run as a `runner.Predictor` (`load_run(RUN_DIR)(images)`: class probabilities)."""
-    ckpt, args = runner.load_finished_run(run_dir, Args)
-    classnames, text = ckpt["classnames"], ckpt["class_text"]  # the run's own: its dataset may have moved
-    backbone = backbone or common.load_backbone(args.backbone, device)
-    cfg = resolve(args, args.dataset, backbone, text["ctx_init"])
-    if ckpt["epoch"] < cfg["epochs"]:
-        raise UserError(f"{run_dir} is unfinished (epoch {ckpt['epoch']} of {cfg['epochs']}): finish it with --resume")
-    model = build_model(backbone, classnames, text, cfg, args, device)
-    runner.load_trainable(model, ckpt["trainable"])
-    transform = data.build_transform(backbone.image_size, backbone.mean, backbone.std, train=False)
-    return runner.Predictor(model, transform, classnames, device)
+def pictures(model, examples, cfg, args, new_figure) -> dict:
+    return {}  # confusion.png only (written by the run machinery)
 
 
-def benchmark(args):
-    """A training step (--batch-size, 4 classes) against the bare towers' forward and backward; evaluation
-    against the bare image tower's forward (16 images on the CPU, else --test-batch-size); --precision."""
-    device = common.resolve_device(args.device)
-    common.autocast(args.precision, device)  # refuses bf16 without CUDA before anything is loaded
-    backbone = common.load_backbone(args.backbone, device)
-    text = data.synthetic_class_text()
-    classnames, cfg = list(text["classes"]), resolve(args, "synthetic", backbone, text["ctx_init"])
-    common.seed_everything(args.seed)
+def prediction_extras(out, classnames) -> dict:
+    return {}
+
+
+def benchmark_parts(args, backbone, device, class_text) -> dict:
+    """A training step (--batch-size, the synthetic set's 4 classes) against the bare towers' forward
+    and backward; evaluation against the bare image tower's forward (16 images on the CPU, else
+    --test-batch-size). The paper's prototypes come from the random batch."""
+    classnames, cfg = list(class_text["classes"]), configure(dataclasses.replace(args, dataset="synthetic"),
+                                                             backbone, class_text)
     S, B = backbone.image_size, args.batch_size
     images = torch.randn(B, 3, S, S, device=device)
     labels = torch.arange(B, device=device) % len(classnames)
-    model = build_model(backbone, classnames, text, cfg, dataclasses.replace(args, infer_context="mean"), device,
-                        support=[(images, labels)])  # the paper's prototypes: from the random batch
-    optimizer, _ = make_optimizer(model, args, cfg["epochs"])
+    model = build(backbone, classnames, class_text, cfg, dataclasses.replace(args, infer_context="mean"),
+                  support=[(images, labels)]).to(device)
+    optimizer, _ = make_optimizer_for(model, cfg, args, 1)
     ids = model.prompt_learner.ids
     token = torch.zeros(1, 1, backbone.image_width, device=device, requires_grad=True)  # dummy learnable
     embeds = backbone.token_embedding(ids).detach().requires_grad_()
 
     def step():
         model.train()
-        train_step(model, images, labels, optimizer, cfg["lambda"], args)
+        train_step(model, images, labels, optimizer, args.precision, **loss_weights(cfg, args))
 
     def floor():
         with common.autocast(args.precision, device):
@@ -645,55 +663,15 @@ def benchmark(args):
 
     extra = {"method": "biomedap", "variant": args.variant, "backbone": args.backbone, "batch": B,
              "eval_batch": n_eval, "classes": len(classnames), "prompt_length": ids.shape[1]}
-    return runner.benchmark_report(device, args.precision, step, floor, infer,
-                                   lambda: backbone.encode_image(eval_images), n_eval,
-                                   sum(p.numel() for p in model.parameters() if p.requires_grad), extra)
+    return {"step": step, "floor": floor, "infer": infer, "infer_floor": lambda: backbone.encode_image(eval_images),
+            "eval_images": n_eval, "trainable_parameters": sum(p.numel() for p in model.parameters()
+                                                               if p.requires_grad), "extra": extra}
 
 
-def main(args):
-    if args.benchmark:
-        return benchmark(args)
-    if args.eval_only:
-        return eval_only(args)
-    if args.predict:
-        return runner.predict_cli(args, load_run)
-    start = time.perf_counter()
-    args, device, run, ckpt = runner.start_run(args, folder_of)
-    common.seed_everything(args.seed)
-    backbone, model, train, evals, text, cfg = setup(args, device)
-    loader = make_train_loader(train, backbone, args)
-    optimizer, scheduler = make_optimizer(model, args, cfg["epochs"])
-    print(runner.describe_trainable(model, group=("fusion",)), f"{len(train.train)} training images,",
-          f"{len(train.classnames)} classes, {len(loader)} steps/epoch; config {cfg}")
-    first = runner.restore_training_state(ckpt, model, optimizer, scheduler) if ckpt else 1
-    class_text = dict(text, classes={c: text["classes"][c] for c in train.classnames})  # kept for --predict
-    setup_s, train_start = time.perf_counter() - start, time.perf_counter()
-    last = min(args.stop_after_epoch or cfg["epochs"], cfg["epochs"])
-    with run.stop_on_ctrl_c():
-        for epoch in range(first, last + 1):
-            epoch_start = time.perf_counter()
-            loader.sampler.set_epoch(epoch)  # the order and augmentations of this epoch
-            stats = train_one_epoch(model, loader, optimizer, scheduler, args, device, cfg["lambda"])
-            runner.check_finite(stats, epoch)
-            run.save_checkpoint(runner.training_state(model, args, epoch, optimizer, scheduler, class_text))
-            print(runner.epoch_line(epoch, cfg["epochs"], stats, time.perf_counter() - epoch_start), flush=True)
-        if last < cfg["epochs"]:
-            print(f"stopped after epoch {last} (--stop-after-epoch); continue with --resume")
-            return None
-        run.phase = "evaluation"
-        train_s, eval_start = time.perf_counter() - train_start, time.perf_counter()
-        metrics = evaluate_all(model, backbone, train, evals, text, cfg, args, device)
-        timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": time.perf_counter() - eval_start}
-        run.phase = "results"
-        with runner.ctrl_c_held():  # metrics.json, the picture and the finished checkpoint, all or none
-            runner.write_metrics(run.path, args, metrics, timings, {
-                "config": cfg, "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                "shots_per_class": data.shots_per_class(train)}, classnames_of(evals))
-            runner.finish_checkpoint(run.path)
-            print(runner.summary_line(metrics), f"-> {run.path / 'metrics.json'}", flush=True)
-    return metrics
+def main(argv=None):
+    import runner  # the run machinery lives outside the method, so that this file and common.py stand alone
+    return runner.run_method(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
-    runner.run_cli(main, Args, "BiomedAP: gated cross-modal fusion and dual anchors for prompt learning "
-                               "on a frozen BiomedCLIP (see the module docstring).")
+    main()

@@ -21,11 +21,16 @@ on the project page and Table 1 could; each line names where the piece is drawn 
     positive expert s+ = (s_Des + s_Dist) / 2 on delta+, negative expert
       s- = s_Conf on delta- (abstract, pipeline figure)  -> `BioMedVR.forward`
     adaptive gate g = softmax(w), logits = g+ s+ + g- s- (abstract, pipeline figure)  -> `BioMedVR.forward`
-    L = CE(logits, y) + beta L_CS (abstract)  -> `cross_entropy_loss`, `compute_losses`
+    L = CE(logits, y) + beta L_CS (abstract)  -> `cross_entropy_loss`, `biomedvr_loss`
     confusion suppression L_CS = mean_i relu(max_c s-_ic - anchor_iy + margin),
       anchor s+_y (figure: "s+_y - s-_c > m") or the fused logit (released)  -> `confusion_suppression_loss`
-    training images: resize to S-2w, random-resized crop, flip (released)  -> `make_train_loader`
+    training images: resize to S-2w, random-resized crop, flip (released)  -> `transforms`
     SGD, cosine to 0 over epochs x steps per epoch (released)  -> `make_optimizer`
+
+In your own code (README, "Use a method in your own code"): `attribute_banks(backbone,
+descriptions, distinctive, confusions)` from one list of sentences per class, `build_model(backbone,
+banks)`, then `train_step` (or `biomedvr_loss`) and `scheduler.step()` per batch. The model takes
+unnormalised [0, 1] images of S - 2w pixels (`transforms(S, w)`): it adds the frame, then normalises.
 
 Deviations from the paper / official code (the released Table-1 script, `experiments/biomedvr.py`):
   * The reported number is the LAST epoch's test accuracy; the official code evaluates the test set
@@ -71,51 +76,20 @@ Deviations from the paper / official code (the released Table-1 script, `experim
     pixels for 8-bit RGB or grey files without an EXIF orientation tag.
   * Base-to-novel (`--subsample base`) is ours; the official code trains on all classes only.
 """
+import dataclasses
 import random
-import time
-from dataclasses import dataclass
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms as T
 from tqdm import tqdm
 
 import common
-import data
-import runner
-from common import UserError
-from runner import arg
+from common import UserError, arg
 
 ATTRIBUTE_SETS = ("descriptions", "distinctive", "confusions")  # Des, Dist, Conf
-
-
-@dataclass
-class Args(runner.RunArgs):  # + the run flags (--eval-only, --resume, --device, --out, ...)
-    dataset: str = arg("btmri", "benchmark (btmri, busi, ...), synthetic, or your own folder of class sub-folders")
-    shots: int = arg(16, "K labelled training images per class", at_least=1)
-    seed: int = arg(1, "seed of the few-shot subset, the initialisation and the data order", at_least=0)
-    subsample: str = arg("all", "all: few-shot on every class; base: train on base classes, test base and novel",
-                         ["all", "base"])
-    backbone: str = arg("biomedclip", "frozen backbone: biomedclip, clip, hf-hub:ORG/REPO, local-dir:PATH, tiny")
-    # the method (paper Table 1 / released Table-1 script defaults)
-    frame: int = arg(None, "w: width of the learnable padding frame in pixels; none = 16/224 of the "
-                     "input size (official: 16 at 224)", at_least=1)
-    num_attr: int = arg(20, "m: attributes drawn per class and set (official: 20)", at_least=1)
-    topk: int = arg(3, "k: nearest attributes averaged per class (official: 3)", at_least=1)
-    min_chars: int = arg(20, "drop attribute sentences shorter than this (official: 20)", at_least=0)
-    gate_init: float = arg(1.0, "initial value of both gate logits w (official: (1, 1))")
-    beta: float = arg(0.3, "beta: weight of the confusion-suppression loss (official: 0.3)", at_least=0)
-    margin: float = arg(0.5, "margin of L_CS in logit units (official: 0.5)")
-    cs_anchor: str = arg("positive", "L_CS anchor: positive = s+_y (the paper's figure), fused = fused "
-                         "logit of y (the released Table-1 script; run.sh tables biomedvr)", ["positive", "fused"])
-    # optimisation
-    epochs: int = arg(400, "training epochs (official: 400)", at_least=1)
-    batch_size: int = arg(None, "batch size; none = 64, or 16 at one shot (official)", at_least=1)
-    lr: float = arg(40.0, "SGD learning rate, cosine to 0 per iteration (official: 40)", above=0)
-    momentum: float = arg(0.9, "SGD momentum (official: 0.9; no weight decay)", at_least=0, below=1)
-    # evaluation
-    eval_every: int = arg(0, "also evaluate the test set every N epochs (0: only at the end); "
-                          "the best of these is reported as test-selected", at_least=0, resume_may_differ=True)
 
 
 # --------------------------------------------------------------------------- text side
@@ -130,11 +104,15 @@ def sample_attributes(sentences, m: int, rng: random.Random, min_chars: int = 20
 
 
 @torch.no_grad()
-def attribute_banks(backbone, class_text, classnames, args):
-    """Des, Dist, Conf as normalised frozen text features, each (m, C, E); encoded once."""
-    rng = random.Random(args.seed)
-    drawn = {field: [sample_attributes(class_text["classes"][c][field], args.num_attr, rng, args.min_chars)
-                     for c in classnames] for field in ATTRIBUTE_SETS}
+def attribute_banks(backbone, descriptions, distinctive, confusions, num_attr: int = 20, seed: int = 1,
+                    min_chars: int = 20):
+    """The attribute sets Des, Dist, Conf as normalised frozen text features, each (m, C, E), m =
+    num_attr. Each argument is one list of sentences per class, in class order; m are drawn per
+    class and set by `sample_attributes` from random.Random(seed) (sets in this order, classes in
+    order), and every distinct sentence is encoded once."""
+    rng = random.Random(seed)
+    drawn = {field: [sample_attributes(sentences, num_attr, rng, min_chars) for sentences in per_class]
+             for field, per_class in zip(ATTRIBUTE_SETS, (descriptions, distinctive, confusions))}
     unique = list(dict.fromkeys(s for per_class in drawn.values() for group in per_class for s in group))
     feats = common.encode_sentences(backbone, unique)  # (n_unique, E), each sentence once
     index = {s: i for i, s in enumerate(unique)}
@@ -196,21 +174,24 @@ class BioMedVR(nn.Module):
         return {"logits": logits, "s_plus": s_plus, "s_minus": s_minus, "gate": g}
 
 
-def frame_width(args, S):
-    """w: --frame, or the official 16 pixels scaled to the backbone's input size S."""
-    w = args.frame if args.frame is not None else max(1, round(16 * S / 224))
-    if not 0 < 2 * w < S:
-        raise UserError(f"--frame {w} does not fit a {S}-pixel input: use 1..{(S - 1) // 2}")
+def frame_width(image_size: int, frame=None) -> int:
+    """w: `frame`, or the released 16 pixels scaled to the backbone's input size S."""
+    w = frame if frame is not None else max(1, round(16 * image_size / 224))
+    if not 0 < 2 * w < image_size:
+        raise UserError(f"--frame {w} does not fit a {image_size}-pixel input: use 1..{(image_size - 1) // 2}")
     return w
 
 
-def build_model(backbone, class_text, classnames, args, device):
+def build_model(backbone, banks, frame=None, topk: int = 3, gate_init: float = 1.0):
+    """BioMedVR on a frozen `common.Backbone` with attribute `banks` (from `attribute_banks`): the
+    programs fit the backbone's input size S, frame width w = `frame_width(S, frame)`. The model
+    takes images (B, 3, S - 2w, S - 2w) in [0, 1], unnormalised (see `transforms`)."""
+    num_attr = banks["descriptions"].shape[0]
+    if not 0 < topk <= num_attr:
+        raise UserError(f"--topk {topk} must be between 1 and --num-attr {num_attr}")
     S = backbone.image_size
-    if not 0 < args.topk <= args.num_attr:
-        raise UserError(f"--topk {args.topk} must be between 1 and --num-attr {args.num_attr}")
-    banks = attribute_banks(backbone, class_text, classnames, args)
-    return BioMedVR(S, frame_width(args, S), backbone.mean, backbone.std, banks, backbone.logit_scale, args.topk,
-                    args.gate_init, image_tower=backbone.encode_image).to(device)
+    return BioMedVR(S, frame_width(S, frame), backbone.mean, backbone.std, banks, backbone.logit_scale, topk,
+                    gate_init, image_tower=backbone.encode_image)
 
 
 # --------------------------------------------------------------------------- losses
@@ -225,91 +206,60 @@ def confusion_suppression_loss(s_minus, anchor_scores, labels, margin: float):
     return F.relu(s_minus.max(dim=1).values - anchor + margin).mean()
 
 
-def compute_losses(model, images, labels, args):
-    out = model(images)
-    anchor = out["s_plus"] if args.cs_anchor == "positive" else out["logits"]
+def biomedvr_loss(out, labels, beta: float = 0.3, margin: float = 0.5, cs_anchor: str = "positive"):
+    """L = CE + beta L_CS from the model's output (logits, s_plus, s_minus, each (B, C)); the L_CS
+    anchor is s+_y ("positive", the paper's figure) or the fused logit of y ("fused", released)."""
+    anchor = out["s_plus"] if cs_anchor == "positive" else out["logits"]
     ce = cross_entropy_loss(out["logits"], labels)
-    cs = confusion_suppression_loss(out["s_minus"], anchor, labels, args.margin)
-    loss = ce + args.beta * cs
-    return {"loss": loss, "ce": ce, "cs": cs, "logits": out["logits"]}
+    cs = confusion_suppression_loss(out["s_minus"], anchor, labels, margin)
+    return {"loss": ce + beta * cs, "ce": ce, "cs": cs}
 
 
-# --------------------------------------------------------------------------- training step
-def train_step(model, images, labels, optimizer, args):
-    """One SGD step on L = CE + beta L_CS; returns the logged loss terms and the logits."""
-    with common.autocast(args.precision, images.device):
-        out = compute_losses(model, images, labels, args)
-    optimizer.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    optimizer.step()
-    return {k: float(out[k].detach()) for k in ("loss", "ce", "cs")}, out["logits"].detach()
+# --------------------------------------------------------------------------- training recipe
+def transforms(image_size: int, frame: int):
+    """The released (train, test) transforms for RGB PIL images, to (3, S - 2w, S - 2w) in [0, 1]
+    (the program adds the frame and normalises): resize the shorter side to S - 2w, random-resized
+    crop (8-100%, bicubic), horizontal flip / resize and centre crop."""
+    inner, bicubic = image_size - 2 * frame, T.InterpolationMode.BICUBIC
+    return (T.Compose([T.Resize(inner, interpolation=bicubic),
+                       T.RandomResizedCrop(inner, scale=(0.08, 1.0), interpolation=bicubic),
+                       T.RandomHorizontalFlip(), T.ToTensor()]),
+            T.Compose([T.Resize(inner, interpolation=bicubic), T.CenterCrop(inner), T.ToTensor()]))
 
 
-# =========================================================================== plumbing
-def load_data(args, S):
-    """Training split and evaluation sets {name: Splits}; images of size S - 2w, unnormalised."""
-    inner = S - 2 * frame_width(args, S)
-    full = data.load_splits(args.dataset, args.root, args.download, image_size=inner)
-    train = data.subsample_classes(data.few_shot_splits(full, args.shots, args.seed), args.subsample)
-    if args.subsample == "base":
-        evals = {"base": train, "novel": data.subsample_classes(full, "novel")}
-    else:
-        evals = {"test": train}
-    return train, evals
+def default_batch_size(shots: int) -> int:
+    return 16 if shots == 1 else 64  # released: 64, or 16 at one shot
 
 
-def batch_size(args):
-    return args.batch_size or (16 if args.shots == 1 else 64)
-
-
-def make_train_loader(train, S, args):
-    """The released pipeline: resize the shorter side to S - 2w, random-resized crop to S - 2w,
-    horizontal flip, drawn from (seed, epoch, image index); every image every epoch (the last
-    partial batch is kept)."""
-    inner = S - 2 * frame_width(args, S)
-    transform = data.build_transform(inner, train=True, hflip=True, resize_first=True)
-    return data.make_loader(data.ImageDataset(train.train, transform), batch_size(args), True, args.seed,
-                            args.workers, drop_last=False)
-
-
-def make_eval_loaders(evals, S, args):
-    transform = data.build_transform(S - 2 * frame_width(args, S))
-    return {name: data.make_loader(data.ImageDataset(s.test, transform), batch_size(args), False, args.seed,
-                                   args.workers) for name, s in evals.items()}
-
-
-def make_optimizer(model, args, steps_per_epoch):
-    """SGD on the programs and the gate, cosine annealing to 0 stepped once per iteration."""
+def make_optimizer(model, epochs: int, steps_per_epoch: int, lr: float = 40.0, momentum: float = 0.9):
+    """SGD on the programs and the gate (no weight decay), cosine annealing to 0 over every
+    iteration (call scheduler.step() after each step)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch,
-                                                           eta_min=0.0)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch, eta_min=0.0)
     return optimizer, scheduler
 
 
-def setup(args, device):
-    """(backbone, model, train, evals, text, cfg), the same in both method files: the frozen
-    backbone; the model for the training classes; the training classes' few-shot splits; the
-    evaluation blocks {"test"} or {"base", "novel"} (Splits whose .test is scored); the class
-    text; the resolved values of the knobs left at none (frame width, batch size)."""
-    backbone = common.load_backbone(args.backbone, device)
-    train, evals = load_data(args, backbone.image_size)
-    everyone = [name for split in evals.values() for name in split.classnames]  # base and novel alike
-    class_text = data.load_class_text(args.dataset, everyone, args.root, method="biomedvr")
-    data.check_text_fits(backbone, class_text, everyone, data.CLASS_TEXT_ENCODES["biomedvr"])
-    model = build_model(backbone, class_text, train.classnames, args, device)
-    cfg = {"frame": frame_width(args, backbone.image_size), "batch_size": batch_size(args)}
-    return backbone, model, train, evals, class_text, cfg
+def train_step(model, images, labels, optimizer, precision="fp32", **loss_options):
+    """One SGD step on L = CE + beta L_CS (`loss_options` go to `biomedvr_loss`): images
+    (B, 3, S - 2w, S - 2w) in [0, 1], labels (B,). Returns the logged loss terms and the logits."""
+    with common.autocast(precision, images.device):
+        out = model(images)
+        terms = biomedvr_loss(out, labels, **loss_options)
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    optimizer.step()
+    return {k: float(v.detach()) for k, v in terms.items()}, out["logits"].detach()
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, args, device):
-    """One pass over the training images (the scheduler steps every iteration): the mean of each
-    loss term, the training accuracy and the last step's learning rate."""
+def train_one_epoch(model, batches, optimizer, scheduler, device, precision="fp32", **loss_options):
+    """One pass over `batches` of (images, labels), the scheduler stepped every iteration: the mean
+    of each loss term, the training accuracy (%) and the last step's learning rate."""
     model.train()
     sums, correct, seen = {}, 0, 0
-    for images, labels in tqdm(loader, desc="train", leave=False, disable=None):
+    for images, labels in tqdm(batches, desc="train", leave=False, disable=None):
         images, labels = images.to(device), labels.to(device)
-        terms, logits = train_step(model, images, labels, optimizer, args)
+        terms, logits = train_step(model, images, labels, optimizer, precision, **loss_options)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         for k, v in terms.items():
@@ -320,132 +270,179 @@ def train_one_epoch(model, loader, optimizer, scheduler, args, device):
 
 
 @torch.no_grad()
-def evaluate(model, loader, args, device):
-    """Classification metrics of one evaluation split."""
+def evaluate(model, batches, device, precision="fp32"):
+    """Classification metrics (common.classification_metrics) on `batches` of (images, labels)."""
     model.eval()
     logits, labels = [], []
-    for images, y in tqdm(loader, desc="evaluate", leave=False, disable=None):
-        with common.autocast(args.precision, device):
+    for images, y in tqdm(batches, desc="evaluate", leave=False, disable=None):
+        with common.autocast(precision, device):
             logits.append(model(images.to(device))["logits"].float().cpu())
         labels.append(y)
     return common.classification_metrics(torch.cat(logits), torch.cat(labels), model.descriptions.shape[1])
 
 
-def evaluate_all(model, backbone, train, evals, text, cfg, args, device):
+@torch.no_grad()
+def draw_programs(model, images, titles, fig):
+    """Into a matplotlib Figure: the two learned frames alone (first column), then `images`
+    (n, 3, S - 2w, S - 2w) as the frozen image tower sees them under delta+ and delta-."""
+    seen = model.reprogram(images.to(model.mask.device)) * model.std + model.mean  # (2n, 3, S, S) in [0, 1]
+    frames = torch.stack([model.delta_plus, model.delta_minus]).sigmoid() * model.mask  # (2, 3, S, S)
+    n = len(images)
+    axes = fig.subplots(2, n + 1, squeeze=False)
+    for row, expert in enumerate(("delta+ (positive)", "delta- (negative)")):
+        panels = [frames[row]] + [seen[row * n + i] for i in range(n)]
+        for ax, image, title in zip(axes[row], panels, ["frame alone"] + list(titles)):
+            ax.imshow(image.clamp(0, 1).permute(1, 2, 0).cpu().numpy())  # (S, S, 3)
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(title if row == 0 else "", fontsize=7)
+        axes[row, 0].set_ylabel(expert, fontsize=8)
+    return fig
+
+
+# =========================================================================== command line
+@dataclasses.dataclass
+class Args:  # the method's knobs; runner.py adds the experiment (--dataset, --shots, --seed,
+    # --subsample, --backbone) and the run flags (--eval-only, --resume, --device, --out, ...)
+    # the method (paper Table 1 / released Table-1 script defaults)
+    frame: int = arg(None, "w: width of the learnable padding frame in pixels; none = 16/224 of the "
+                     "input size (official: 16 at 224)", at_least=1)
+    num_attr: int = arg(20, "m: attributes drawn per class and set (official: 20)", at_least=1)
+    topk: int = arg(3, "k: nearest attributes averaged per class (official: 3)", at_least=1)
+    min_chars: int = arg(20, "drop attribute sentences shorter than this (official: 20)", at_least=0)
+    gate_init: float = arg(1.0, "initial value of both gate logits w (official: (1, 1))")
+    beta: float = arg(0.3, "beta: weight of the confusion-suppression loss (official: 0.3)", at_least=0)
+    margin: float = arg(0.5, "margin of L_CS in logit units (official: 0.5)")
+    cs_anchor: str = arg("positive", "L_CS anchor: positive = s+_y (the paper's figure), fused = fused "
+                         "logit of y (the released Table-1 script; run.sh tables biomedvr)", ["positive", "fused"])
+    # optimisation
+    epochs: int = arg(400, "training epochs (official: 400)", at_least=1)
+    batch_size: int = arg(None, "batch size; none = 64, or 16 at one shot (official)", at_least=1)
+    lr: float = arg(40.0, "SGD learning rate, cosine to 0 per iteration (official: 40)", above=0)
+    momentum: float = arg(0.9, "SGD momentum (official: 0.9; no weight decay)", at_least=0, below=1)
+    # evaluation
+    eval_every: int = arg(0, "also evaluate the test set every N epochs (0: only at the end); "
+                          "the best of these is reported as test-selected", at_least=0, resume_may_differ=True)
+
+
+
+# What the run machinery (runner.py: run folders, resume, --eval-only, --predict, --benchmark)
+# calls; a method copied into another project needs none of it.
+NAME = "biomedvr"  # the class text it reads: descriptions, distinctive, confusions
+TRAINABLE_GROUPS = ()
+
+
+def run_name(args) -> str:
+    return "biomedvr" if args.cs_anchor == "positive" else "biomedvr-fused"
+
+
+def configure(args, backbone, class_text) -> dict:
+    """The resolved frame width and batch size, and the epochs."""
+    return {"frame": frame_width(backbone.image_size, args.frame),
+            "batch_size": args.batch_size or default_batch_size(args.shots), "epochs": args.epochs}
+
+
+def input_size(args, backbone) -> int:
+    return backbone.image_size - 2 * frame_width(backbone.image_size, args.frame)
+
+
+def transforms_for(args, backbone):
+    return transforms(backbone.image_size, frame_width(backbone.image_size, args.frame))
+
+
+def loader_settings(cfg, args) -> dict:
+    return {"batch_size": cfg["batch_size"], "test_batch_size": cfg["batch_size"], "drop_last": False}
+
+
+def build(backbone, classnames, class_text, cfg, args, support=None):
+    """The model for `classnames`, its attribute banks drawn with the run's seed (so evaluation and
+    prediction redraw the training banks)."""
+    banks = class_banks(backbone, class_text, classnames, args)
+    return build_model(backbone, banks, cfg["frame"], args.topk, args.gate_init)
+
+
+def class_banks(backbone, class_text, classnames, args):
+    classes = class_text["classes"]
+    sets = {field: [classes[c][field] for c in classnames] for field in ATTRIBUTE_SETS}
+    return attribute_banks(backbone, **sets, num_attr=args.num_attr, seed=args.seed, min_chars=args.min_chars)
+
+
+def loss_options(args) -> dict:
+    return {"beta": args.beta, "margin": args.margin, "cs_anchor": args.cs_anchor}
+
+
+def make_optimizer_for(model, cfg, args, steps_per_epoch):
+    return make_optimizer(model, args.epochs, steps_per_epoch, args.lr, args.momentum)
+
+
+def train_epoch(model, loader, optimizer, scheduler, cfg, args, device):
+    return train_one_epoch(model, loader, optimizer, scheduler, device, args.precision, **loss_options(args))
+
+
+def after_epoch(model, epoch, cfg, args, device, test_loader):
+    """The gate on the epoch line; with --eval-every, the test accuracy (a record for the history)."""
+    gate = model.gate.detach().softmax(0).tolist()
+    extra, record = f"gate {gate[0]:.3f}/{gate[1]:.3f}", None
+    if args.eval_every and epoch % args.eval_every == 0 and epoch < args.epochs:
+        accuracy = evaluate(model, test_loader, device, args.precision)["accuracy"]
+        record = {"epoch": epoch, "test_accuracy": accuracy}
+        extra += f" test_acc {accuracy:.2f}"
+    return extra, record
+
+
+def evaluate_run(model, backbone, evals, loaders, class_text, cfg, args, device, perturbed=None):
     """{"test"} or {"base", "novel", "harmonic_mean"}, plus the learned gate (g+, g-). Novel
     classes: the same programs and gate with attribute banks drawn for the novel class names."""
-    loaders = make_eval_loaders(evals, backbone.image_size, args)
     gate = model.gate.detach().softmax(0).tolist()
     if args.subsample != "base":
-        return {"test": evaluate(model, loaders["test"], args, device), "gate": gate}
-    metrics = {"base": evaluate(model, loaders["base"], args, device)}
-    model.set_attributes(attribute_banks(backbone, text, evals["novel"].classnames, args))
-    metrics["novel"] = evaluate(model, loaders["novel"], args, device)
+        return {"test": evaluate(model, loaders["test"], device, args.precision), "gate": gate}
+    metrics = {"base": evaluate(model, loaders["base"], device, args.precision)}
+    model.set_attributes(class_banks(backbone, class_text, evals["novel"].classnames, args))
+    metrics["novel"] = evaluate(model, loaders["novel"], device, args.precision)
     metrics["harmonic_mean"] = common.harmonic_mean(metrics["base"]["accuracy"], metrics["novel"]["accuracy"])
     metrics["gate"] = gate
     return metrics
 
 
-def classnames_of(evals):
-    """Class names per evaluation block, for the axes of confusion.png."""
-    return {name: split.classnames for name, split in evals.items()}
-
-
-@torch.no_grad()
-def save_programs_png(model, train, S, args, path, n=4):
-    """programs.png: the two learned frames alone (first column), then a few training images (one
-    per class, test transform) as the frozen image tower sees them under delta+ and delta-."""
-    firsts = list({item.label: item for item in reversed(train.train)}.values())[::-1][:n]
-    dataset = data.ImageDataset(firsts, data.build_transform(S - 2 * frame_width(args, S)))
-    images = torch.stack([dataset[i][0] for i in range(len(firsts))]).to(model.mask.device)
-    seen = model.reprogram(images) * model.std + model.mean  # (2n, 3, S, S), un-normalised to [0, 1]
-    frames = torch.stack([model.delta_plus, model.delta_minus]).sigmoid() * model.mask  # (2, 3, S, S)
-    fig = runner.new_figure(1.5 * (len(firsts) + 1), 3.3)
-    axes = fig.subplots(2, len(firsts) + 1, squeeze=False)
-    for row, expert in enumerate(("delta+ (positive)", "delta- (negative)")):
-        panels = [frames[row]] + [seen[row * len(firsts) + i] for i in range(len(firsts))]
-        titles = ["frame alone"] + [item.classname for item in firsts]
-        for ax, image, title in zip(axes[row], panels, titles):
-            ax.imshow(image.clamp(0, 1).permute(1, 2, 0).cpu().numpy())  # (S, S, 3)
-            ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(title if row == 0 else "", fontsize=7)
-        axes[row, 0].set_ylabel(expert, fontsize=8)
-    runner.atomic_write_png(fig, path)
-
-
-def folder_of(args):
-    """runs/[<backbone>/]biomedvr[-fused]/<dataset>/<K>shot[_base2novel]/seed<S>/"""
-    method = "biomedvr" if args.cs_anchor == "positive" else "biomedvr-fused"
-    return runner.run_dir(args.out, method, args.dataset, args.shots, args.seed, args.subsample, args.backbone)
-
-
-def eval_only(cli):
-    """Evaluate a finished run with its saved arguments (evaluation options given on this command
-    line win; the same seed redraws the same attribute banks) and rewrite its metrics.json."""
-    ckpt, args, given = runner.eval_only_args(cli, Args)
-    if ckpt["epoch"] < args.epochs:
-        raise UserError(f"{cli.eval_only} is unfinished (epoch {ckpt['epoch']} of {args.epochs}): "
-                        f"finish it with --resume")
-    device = common.resolve_device(args.device)
-    common.seed_everything(args.seed)
-    backbone, model, train, evals, text, cfg = setup(args, device)
-    runner.load_trainable(model, ckpt["trainable"])
-    start = time.perf_counter()
-    metrics = evaluate_all(model, backbone, train, evals, text, cfg, args, device)
-    runner.write_eval_only(cli.eval_only, args, metrics, time.perf_counter() - start, given,
-                           {"config": cfg, "shots_per_class": data.shots_per_class(train)}, classnames_of(evals))
-    print(runner.summary_line(metrics), f"-> {cli.eval_only}/metrics.json")
+def final_metrics(metrics, history, cfg, args):
+    """With --eval-every: the best test accuracy over the evaluated epochs, labelled as selected on
+    the test set (the released code's number)."""
+    if args.eval_every:
+        history.append({"epoch": args.epochs, "test_accuracy": metrics.get("test", metrics.get("base"))["accuracy"]})
+        best = max(history, key=lambda h: h["test_accuracy"])
+        metrics["best_test_accuracy_test_selected"] = {"accuracy": best["test_accuracy"], "epoch": best["epoch"]}
     return metrics
 
 
-def load_run(run_dir, device="cpu", backbone=None):
-    """A finished run as a `runner.Predictor`: `load_run(RUN_DIR)(images)` gives each image's class
-    probabilities, the top class of each expert and the gate. Needs the run folder, the backbone
-    and the class text only (the attribute banks are redrawn from the run's seed)."""
-    ckpt, args = runner.load_finished_run(run_dir, Args)
-    if ckpt["epoch"] < args.epochs:
-        raise UserError(f"{run_dir} is unfinished (epoch {ckpt['epoch']} of {args.epochs}): finish it with --resume")
-    classnames = ckpt["classnames"]
-    backbone = backbone or common.load_backbone(args.backbone, device)
-    class_text = ckpt["class_text"]  # the run's own: the dataset folder may have moved or changed since
-    model = build_model(backbone, class_text, classnames, args, device)
-    runner.load_trainable(model, ckpt["trainable"])
-    S = backbone.image_size
-
-    def experts(out, names):
-        gate = "/".join(f"{g:.3f}" for g in out["gate"].tolist())
-        return {"positive_expert": [names[i] for i in out["s_plus"].argmax(-1).tolist()],
-                "negative_expert": [names[i] for i in out["s_minus"].argmax(-1).tolist()],
-                "gate": [gate] * len(out["logits"])}
-    return runner.Predictor(model, data.build_transform(S - 2 * frame_width(args, S)), classnames, device, experts)
+def pictures(model, examples, cfg, args, new_figure) -> dict:
+    """programs.png: the learned frames and a few training images under them."""
+    images, titles = examples()
+    return {"programs.png": draw_programs(model, images, titles, new_figure(1.5 * (len(titles) + 1), 3.3))}
 
 
-def benchmark(args):
+def prediction_extras(out, classnames) -> dict:
+    """Per image: the top class of each expert, and the gate."""
+    gate = "/".join(f"{g:.3f}" for g in out["gate"].tolist())
+    return {"positive_expert": [classnames[i] for i in out["s_plus"].argmax(-1).tolist()],
+            "negative_expert": [classnames[i] for i in out["s_minus"].argmax(-1).tolist()],
+            "gate": [gate] * len(out["logits"])}
+
+
+def benchmark_parts(args, backbone, device, class_text) -> dict:
     """One training step on a batch (default 4) against the floor: the bare frozen image tower's
     forward and backward to the input on the 2B reprogrammed images; then inference on the batch
-    against two bare forward passes. All under --precision. Random attribute banks: the text side
-    is precomputed."""
-    device = common.resolve_device(args.device)
-    common.autocast(args.precision, device)  # refuses bf16 without CUDA before anything is loaded
-    common.seed_everything(args.seed)
-    backbone = common.load_backbone(args.backbone, device)
+    against two bare forward passes. Random attribute banks: the text side is precomputed."""
     S, B, C = backbone.image_size, args.batch_size or 4, 4
     banks = {f: F.normalize(torch.randn(args.num_attr, C, backbone.embed_dim, device=device), dim=-1)
              for f in ATTRIBUTE_SETS}
-    w = frame_width(args, S)
-    model = BioMedVR(S, w, backbone.mean, backbone.std, banks, backbone.logit_scale, args.topk,
-                     args.gate_init, image_tower=backbone.encode_image).to(device)
+    w = frame_width(S, args.frame)
+    model = build_model(backbone, banks, w, args.topk, args.gate_init).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     images = torch.rand(B, 3, S - 2 * w, S - 2 * w, device=device)
     labels = torch.randint(0, C, (B,), device=device)
     floor_input = torch.rand(2 * B, 3, S, S, device=device, requires_grad=True)
 
     def step():
-        with common.autocast(args.precision, device):
-            loss = compute_losses(model, images, labels, args)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(model, images, labels, optimizer, args.precision, **loss_options(args))
 
     def floor():
         with common.autocast(args.precision, device):
@@ -453,68 +450,16 @@ def benchmark(args):
         z.float().sum().backward()
         floor_input.grad = None
 
-    return runner.benchmark_report(
-        device, args.precision, step, floor, lambda: model(images), lambda: backbone.encode_image(floor_input),
-        B, sum(p.numel() for p in model.parameters()),
-        {"method": "biomedvr", "backbone": args.backbone, "batch": B, "eval_batch": B, "classes": C})
+    return {"step": step, "floor": floor, "infer": lambda: model(images),
+            "infer_floor": lambda: backbone.encode_image(floor_input), "eval_images": B,
+            "trainable_parameters": sum(p.numel() for p in model.parameters()),
+            "extra": {"method": "biomedvr", "backbone": args.backbone, "batch": B, "eval_batch": B, "classes": C}}
 
 
-def main(args):
-    if args.benchmark:
-        return benchmark(args)
-    if args.eval_only:
-        return eval_only(args)
-    if args.predict:
-        return runner.predict_cli(args, load_run)
-    start = time.perf_counter()
-    args, device, run, ckpt = runner.start_run(args, folder_of)
-    common.seed_everything(args.seed)
-    backbone, model, train, evals, text, cfg = setup(args, device)
-    class_text = dict(text, classes={c: text["classes"][c] for c in train.classnames})  # kept for --predict
-    loader = make_train_loader(train, backbone.image_size, args)
-    optimizer, scheduler = make_optimizer(model, args, len(loader))
-    print(runner.describe_trainable(model), f"{len(train.train)} training images,",
-          f"{len(train.classnames)} classes, {len(loader)} steps/epoch; config {cfg}")
-    first = runner.restore_training_state(ckpt, model, optimizer, scheduler) if ckpt else 1
-    history = ckpt["history"] if ckpt else []  # --eval-every: test accuracy after epoch e
-    eval_loaders = make_eval_loaders(evals, backbone.image_size, args)
-    setup_s, train_start = time.perf_counter() - start, time.perf_counter()
-    last = min(args.stop_after_epoch or args.epochs, args.epochs)
-    with run.stop_on_ctrl_c():
-        for epoch in range(first, last + 1):
-            epoch_start = time.perf_counter()
-            loader.sampler.set_epoch(epoch)  # the order and augmentations of this epoch
-            stats = train_one_epoch(model, loader, optimizer, scheduler, args, device)
-            gate = model.gate.detach().softmax(0).tolist()
-            extra = f"gate {gate[0]:.3f}/{gate[1]:.3f}"
-            if args.eval_every and epoch % args.eval_every == 0 and epoch < args.epochs:
-                accuracy = evaluate(model, eval_loaders[next(iter(eval_loaders))], args, device)["accuracy"]
-                history.append({"epoch": epoch, "test_accuracy": accuracy})
-                extra += f" test_acc {accuracy:.2f}"
-            runner.check_finite(stats, epoch)
-            run.save_checkpoint(runner.training_state(model, args, epoch, optimizer, scheduler,
-                                                      class_text, history))
-            print(runner.epoch_line(epoch, args.epochs, stats, time.perf_counter() - epoch_start, extra), flush=True)
-        if last < args.epochs:
-            print(f"stopped after epoch {last} (--stop-after-epoch); continue with --resume")
-            return None
-        run.phase = "evaluation"
-        train_s, eval_start = time.perf_counter() - train_start, time.perf_counter()
-        metrics = evaluate_all(model, backbone, train, evals, text, cfg, args, device)
-        if args.eval_every:  # model selection on the test set, reported apart and labelled as such
-            history.append({"epoch": args.epochs, "test_accuracy": metrics.get("test", metrics.get("base"))["accuracy"]})
-            best = max(history, key=lambda h: h["test_accuracy"])
-            metrics["best_test_accuracy_test_selected"] = {"accuracy": best["test_accuracy"], "epoch": best["epoch"]}
-        timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": time.perf_counter() - eval_start}
-        run.phase = "results"
-        with runner.ctrl_c_held():  # metrics.json, the pictures and the finished checkpoint, all or none
-            runner.write_metrics(run.path, args, metrics, timings, {
-                "config": cfg, "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                "eval_history": history, "shots_per_class": data.shots_per_class(train)}, classnames_of(evals))
-            save_programs_png(model, train, backbone.image_size, args, run.path / "programs.png")
-            runner.finish_checkpoint(run.path)
-            print(runner.summary_line(metrics), f"-> {run.path / 'metrics.json'}", flush=True)
-    return metrics
+def main(argv=None):
+    import runner  # the run machinery lives outside the method, so that this file and common.py stand alone
+    return runner.run_method(sys.modules[__name__], argv)
+
 
 if __name__ == "__main__":
-    runner.run_cli(main, Args, __doc__.split("\n\n")[0])
+    main()

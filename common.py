@@ -1,6 +1,7 @@
 """The frozen backbone and what both methods compute with it: loading, the seams a prompt
 method needs inside the towers, text features, zero-shot logits, classification metrics,
-seeding, device and autocast, `UserError` and `OneLineParser`. It imports no project file.
+seeding, device and autocast, `UserError`, and the two small helpers a method's `Args`
+dataclass is written with (`arg`, `list_arg`). It imports no project file.
 
 Backbones (`load_backbone`): biomedclip (hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_
 patch16_224), clip (OpenAI CLIP ViT-B/16), hf-hub:ORG/REPO (any open_clip hub model),
@@ -13,6 +14,7 @@ Two tower families, `Backbone.kind`: "timm-hf" (timm ViT + Hugging Face BERT: Bi
 Symbols: B batch, C classes, L tokens, N patches, D tower width, E joint embedding width.
 """
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -44,6 +46,25 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def arg(default, help: str, choices=None, *, at_least=None, above=None, below=None, at_most=None,
+        resume_may_differ: bool = False, eval_option: bool = False, metavar=None, hidden: bool = False):
+    """A field of an `Args` dataclass: its default and --help line, `choices`, the allowed range
+    (`at_least`/`at_most` inclusive, `above`/`below` exclusive), whether it may change on --resume
+    (`resume_may_differ`: it changes no number) and whether --eval-only takes it from the command
+    line (`eval_option`). Plain dataclass metadata: only the command line (runner.py) reads it."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "choices": choices, "at_least": at_least, "above": above, "below": below,
+        "at_most": at_most, "resume_may_differ": resume_may_differ, "eval_option": eval_option,
+        "metavar": metavar, "hidden": hidden})
+
+
+def list_arg(kind, help: str, nargs: str = "*", metavar=None, **semantics):
+    """A list field of an `Args` dataclass (empty by default): `--flag A B C`; nargs "+" when the
+    flag, once given, needs at least one value. `semantics` as in `arg`."""
+    field = arg(None, help, metavar=metavar, **semantics)
+    return dataclasses.field(default_factory=list, metadata={**field.metadata, "type": kind, "nargs": nargs})
+
+
 # --------------------------------------------------------------------------- backbones
 BIOMEDCLIP = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 ALIASES = {"biomedclip": BIOMEDCLIP, "clip": "ViT-B-16:openai"}
@@ -60,7 +81,26 @@ class Backbone:
     Text tower:   tokenize(texts) -> (n, L) ids trimmed to the longest real length;
                   token_embedding(ids) -> (n, L, Dt); text_from_embeddings(emb, ids) -> (n, E).
     Without any prompt these give exactly model.encode_image / model.encode_text.
+
+    `load_backbone(name)` loads one by name; `Backbone.from_open_clip(model, tokenizer)` wraps an
+    open_clip model you loaded yourself. The model is frozen and put in eval mode.
     """
+
+    @classmethod
+    def from_open_clip(cls, model, tokenizer, name: str = "custom", image_size=None, mean=None, std=None):
+        """Wrap an open_clip CLIP-like model that you loaded your own way (e.g.
+        `open_clip.create_model_and_transforms(...)`), with its tokenizer (`open_clip.get_tokenizer`).
+        The input size and normalisation default to the model's own preprocessing config (224 and
+        OpenAI's mean/std when it has none). Two tower families are supported: timm ViT + Hugging
+        Face text (BiomedCLIP) and open_clip's ViT + text transformer (CLIP); another raises
+        UserError naming the towers found. The model is frozen (requires_grad off, eval mode)."""
+        import open_clip
+
+        cfg = open_clip.get_model_preprocess_cfg(model)
+        size = image_size or cfg.get("size", 224)
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        return cls(model, tokenizer, name, _tower_kind(model), size, mean or cfg.get("mean", OPENAI_MEAN),
+                   std or cfg.get("std", OPENAI_STD))
 
     def __init__(self, model, tokenizer, name, kind, image_size, mean, std):
         self.model, self.tokenizer, self.name, self.kind = model, tokenizer, name, kind
@@ -144,11 +184,8 @@ class Backbone:
         return self.text_from_embeddings(self.token_embedding(ids), ids)
 
 
-
 def load_backbone(name: str = "biomedclip", device="cpu") -> Backbone:
     """Load a frozen backbone by name (see the module docstring for the names)."""
-    import open_clip  # imported here: it takes seconds, and `--help` should not wait for it
-
     full = ALIASES.get(name, name)
     if name in RANDOM_BACKBONES:
         model, tokenizer, size, mean, std = _build_random(name)
@@ -156,8 +193,7 @@ def load_backbone(name: str = "biomedclip", device="cpu") -> Backbone:
         model, tokenizer, size, mean, std = _load_local_dir(Path(full[len("local-dir:"):]))
     elif ":" in full:  # hf-hub:ORG/REPO or MODEL:PRETRAINED
         model, tokenizer = _load_open_clip(name, full)
-        cfg = open_clip.get_model_preprocess_cfg(model)
-        size, mean, std = cfg.get("size", 224), cfg.get("mean", OPENAI_MEAN), cfg.get("std", OPENAI_STD)
+        return Backbone.from_open_clip(model.to(device), tokenizer, name)
     else:
         raise UserError(f"unknown backbone '{name}': use biomedclip, clip, {', '.join(RANDOM_BACKBONES)}, "
                         "hf-hub:ORG/REPO, local-dir:PATH or an open_clip MODEL:PRETRAINED name")

@@ -1,18 +1,20 @@
 """The run machinery: everything around a method's training that is not the method.
 
 Boundary: a method file decides what is trained and how it is scored; this module decides
-where a run lives and how it survives: the command line built from the method's `Args`
-dataclass (each field carries its own range, and whether it may change on --resume or at
---eval-only), run folders and their locks, atomic writes, checkpoints and --resume, metrics.json
-and confusion.png, --eval-only, --predict, the --benchmark timing, the --check-setup preflight
-of a sweep, and Ctrl-C. It knows no method's flags by name. Imports run one way:
-method files -> runner -> data -> common.
+where a run lives and how it survives. A method's `main()` hands it the method module
+(`run_method`); from then on it builds the command line from the method's `Args` plus the
+experiment and run flags every script shares, sets up the data, class text, backbone and model
+through the method's functions (`setup`), trains with a checkpoint after each epoch (`train`),
+and handles --resume, metrics.json and confusion.png, --eval-only, --predict, the --benchmark
+timing, the --check-setup preflight of a sweep, and Ctrl-C. It knows no method's own flags by
+name. Imports run one way: runner -> data -> common; method files import only common.
 
-Sections, in order: arguments (`arg`, `RunArgs`, `parse_args`, `validate_args`); run folders
-(`run_dir`, `RunFolder`, `start_run`, `check_resume`); checkpoints and --resume; what a run
-prints; --eval-only; files (atomic writes, `write_metrics`, confusion.png); the command line
-(`run_cli`, the hub check); the benchmark harness; prediction (`Predictor`, `predict_cli`);
-the setup check.
+Sections, in order: arguments (`RunArgs`, `ExperimentArgs`, `cli_args`, `parse_args`,
+`validate_args`); run folders (`run_dir`, `RunFolder`, `start_run`, `check_resume`);
+checkpoints and --resume; what a run prints; --eval-only; files (atomic writes,
+`write_metrics`, confusion.png); a method's run (`setup`, `train`, `eval_only`, `load_run`,
+`benchmark`, `run_method`); the command line (`run_cli`, the hub check); the benchmark
+harness; prediction (`Predictor`, `predict_cli`); the setup check.
 """
 import argparse
 import csv
@@ -32,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,7 +46,7 @@ from filelock import FileLock, Timeout
 
 import common
 import data
-from common import BIOMEDCLIP, OneLineParser, UserError, autocast, resolve_device
+from common import BIOMEDCLIP, OneLineParser, UserError, arg, autocast, list_arg, resolve_device
 from data import ctrl_c_held
 
 
@@ -52,27 +55,6 @@ class Interrupted(Exception):
 
 
 # --------------------------------------------------------------------------- arguments
-def arg(default, help: str, choices=None, *, at_least=None, above=None, below=None, at_most=None,
-        resume_may_differ: bool = False, eval_option: bool = False, metavar=None, hidden: bool = False):
-    """A field of a method's Args dataclass, with its own semantics:
-    default and --help line; `choices`; the allowed range (`at_least`/`at_most` inclusive,
-    `above`/`below` exclusive; an int field with a bound must be a whole number; every float must
-    be finite); `resume_may_differ`: a change is allowed on --resume (it does not change the
-    numbers); `eval_option`: given at --eval-only, it wins over the run's own value; `hidden`
-    keeps a test-only flag out of --help."""
-    return dataclasses.field(default=default, metadata={
-        "help": help, "choices": choices, "at_least": at_least, "above": above, "below": below,
-        "at_most": at_most, "resume_may_differ": resume_may_differ, "eval_option": eval_option,
-        "metavar": metavar, "hidden": hidden})
-
-
-def list_arg(kind, help: str, nargs: str = "*", metavar=None, **semantics):
-    """A list field of an Args dataclass (empty by default): `--flag A B C`; nargs "+" when the
-    flag, once given, needs at least one value. `semantics` as in `arg`."""
-    field = arg(None, help, metavar=metavar, **semantics)
-    return dataclasses.field(default_factory=list, metadata={**field.metadata, "type": kind, "nargs": nargs})
-
-
 def default_workers() -> int:
     """Data-loader processes: the usable CPUs, at most 4 (the numbers do not depend on it)."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -80,10 +62,22 @@ def default_workers() -> int:
 
 
 @dataclasses.dataclass
+class ExperimentArgs:
+    """What a run of either method is an experiment on, listed first in --help: `cli_args(method)`
+    adds these to a method's own `Args`."""
+    dataset: str = arg("btmri", "benchmark (btmri, busi, ...), synthetic, or your own folder of class sub-folders")
+    shots: int = arg(16, "K labelled training images per class", at_least=1)
+    seed: int = arg(1, "seed of the few-shot subset, the initialisation and the data order", at_least=0)
+    subsample: str = arg("all", "all: few-shot on every class; base: train on base classes, test base and novel",
+                         ["all", "base"])
+    backbone: str = arg("biomedclip", "frozen backbone: biomedclip, clip, hf-hub:ORG/REPO, local-dir:PATH, tiny")
+
+
+@dataclasses.dataclass
 class RunArgs:
     """The run machinery's flags, shared by both methods (so their help is identical): where the data
-    is, what to do with a run, how to run it. A method's `Args` subclasses this and adds the
-    experiment and its own knobs, listed first in --help."""
+    is, what to do with a run, how to run it. `cli_args(method)` adds them to a method's own `Args`
+    (the experiment and its knobs, listed first in --help)."""
     root: str = arg("data", "folder holding the benchmark datasets", metavar="DIR", resume_may_differ=True,
                     eval_option=True)
     download: bool = arg(False, "fetch a missing benchmark dataset", resume_may_differ=True, eval_option=True)
@@ -123,8 +117,9 @@ def build_parser(args_cls, description: str = "", prog=None) -> argparse.Argumen
     """argparse from a dataclass: field `foo_bar` becomes `--foo-bar`; a bool (off by default)
     becomes a switch; list fields take several values; fields defaulting to None accept `none`."""
     parser = OneLineParser(prog=prog, description=description, formatter_class=HelpFormatter)
-    run_flags = {f.name for f in dataclasses.fields(RunArgs)}
-    for f in sorted(dataclasses.fields(args_cls), key=lambda f: f.name in run_flags):  # the method's own first
+    run_flags, experiment = {f.name for f in dataclasses.fields(RunArgs)}, [f.name for f in dataclasses.fields(ExperimentArgs)]
+    order = lambda f: (f.name not in experiment, f.name in run_flags)  # noqa: E731  experiment, the method's, run flags
+    for f in sorted(dataclasses.fields(args_cls), key=order):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         help_ = argparse.SUPPRESS if meta.get("hidden") else meta.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -156,7 +151,19 @@ def _none_or_number(text):
     return text
 
 
+def cli_args(method) -> type:
+    """A method module's `Args` with the experiment (`ExperimentArgs`) and the run flags (`RunArgs`)
+    added: the dataclass its command line parses into, one class per method (made once)."""
+    if "_cli_args" not in vars(method):
+        cls = dataclasses.make_dataclass(method.Args.__name__, [], bases=(method.Args, RunArgs, ExperimentArgs))
+        cls.__module__, cls.__doc__ = method.__name__, method.Args.__doc__
+        method._cli_args = cls
+    return method._cli_args
+
+
 def parse_args(args_cls, argv=None, description: str = "", prog=None):
+    """Parse `argv` into `args_cls` (a dataclass, or a method module: its `cli_args`)."""
+    args_cls = cli_args(args_cls) if isinstance(args_cls, types.ModuleType) else args_cls
     return args_cls(**vars(build_parser(args_cls, description, prog).parse_args(argv)))
 
 
@@ -582,6 +589,205 @@ def plot_confusion(metrics: dict, path: Path, classnames=None):
         ax.set_ylabel("true", fontsize=8)
         ax.set_title(f"{block}: accuracy {m['accuracy']:.1f}%\n(colour: row share, text: count)", fontsize=8)
     atomic_write_png(fig, path)
+
+
+# --------------------------------------------------------------------------- a method's run
+# What both methods did alike around their training, once, driven by the method module. A method
+# module (biomedap.py, biomedvr.py) provides, besides its model: `Args`; `NAME`; `run_name(args)`;
+# `configure(args, backbone, class_text)` (the resolved config, with "epochs"); `transforms_for(args,
+# backbone)` (train, test); `loader_settings(cfg, args)`; `build(backbone, classnames, class_text,
+# cfg, args, support=None)`; `make_optimizer_for(model, cfg, args, steps_per_epoch)`;
+# `train_epoch(...)`; `after_epoch(...)`; `evaluate_run(...)`; `final_metrics(...)`;
+# `pictures(...)`; `prediction_extras(out, classnames)`; `benchmark_parts(...)`.
+
+@dataclasses.dataclass
+class Setup:
+    """What a run of a method works on: the frozen backbone, the model, the training classes'
+    few-shot splits, the evaluation blocks {"test"} or {"base", "novel"}, the class text, the
+    resolved configuration, and the method's (train, test) transforms."""
+    backbone: object
+    model: torch.nn.Module
+    train: data.Splits
+    evals: dict
+    text: dict
+    cfg: dict
+    transforms: tuple
+
+
+def make_loaders(method, items, transform, cfg, args, train: bool):
+    """The method's loader over `items` (data.ImageDataset): shuffled and augmented for training,
+    in order for evaluation, with the batch sizes the method resolved."""
+    sizes = method.loader_settings(cfg, args)
+    size = sizes["batch_size"] if train else sizes["test_batch_size"]
+    return data.make_loader(data.ImageDataset(items, transform), size, train, args.seed, args.workers,
+                            drop_last=sizes["drop_last"])
+
+
+def setup(method, args, device, training: bool = True) -> Setup:
+    """Backbone, data, class text, config and model of a run of `method`. For training, the
+    model is built with `support` (the training images under the test transform, e.g. for
+    BiomedAP's prototypes); for evaluation without it."""
+    backbone = common.load_backbone(args.backbone, device)
+    train_tf, test_tf = method.transforms_for(args, backbone)
+    full = data.load_splits(args.dataset, args.root, args.download, image_size=method.input_size(args, backbone))
+    train = data.subsample_classes(data.few_shot_splits(full, args.shots, args.seed), args.subsample)
+    evals = {"test": train} if args.subsample == "all" else {"base": train,
+                                                             "novel": data.subsample_classes(full, "novel")}
+    everyone = [name for split in evals.values() for name in split.classnames]  # base and novel alike
+    text = data.load_class_text(args.dataset, everyone, args.root, method=method.NAME)
+    data.check_text_fits(backbone, text, everyone, data.CLASS_TEXT_ENCODES[method.NAME])
+    cfg = method.configure(args, backbone, text)
+    support = None
+    if training:
+        sizes = method.loader_settings(cfg, args)
+        support = data.make_loader(data.ImageDataset(train.train, test_tf), sizes["test_batch_size"], False,
+                                   args.seed, 0)
+    model = method.build(backbone, train.classnames, text, cfg, args, support).to(device)
+    return Setup(backbone, model, train, evals, text, cfg, (train_tf, test_tf))
+
+
+def run_folder(method, args) -> Path:
+    """runs/[<backbone>/]<method run name>/<dataset>/<K>shot[_base2novel]/seed<S>/"""
+    return run_dir(args.out, method.run_name(args), args.dataset, args.shots, args.seed, args.subsample,
+                   args.backbone)
+
+
+def classnames_of(evals) -> dict:
+    """Class names per evaluation block, for the axes of confusion.png."""
+    return {name: split.classnames for name, split in evals.items()}
+
+
+def train(method, args):
+    """A training run of `method` from the command line: the run folder, the epochs with a
+    checkpoint after each (and --resume), evaluation, metrics.json and the pictures."""
+    start = time.perf_counter()
+    args, device, run, ckpt = start_run(args, lambda a: run_folder(method, a))
+    common.seed_everything(args.seed)
+    s = setup(method, args, device)
+    model, cfg = s.model, s.cfg
+    loader = make_loaders(method, s.train.train, s.transforms[0], cfg, args, train=True)
+    optimizer, scheduler = method.make_optimizer_for(model, cfg, args, len(loader))
+    print(describe_trainable(model, group=method.TRAINABLE_GROUPS), f"{len(s.train.train)} training images,",
+          f"{len(s.train.classnames)} classes, {len(loader)} steps/epoch; config {cfg}")
+    first = restore_training_state(ckpt, model, optimizer, scheduler) if ckpt else 1
+    history = ckpt["history"] if ckpt else []  # a method's per-epoch records (BioMedVR's --eval-every)
+    class_text = dict(s.text, classes={c: s.text["classes"][c] for c in s.train.classnames})  # for --predict
+    test_loader = make_loaders(method, s.evals[next(iter(s.evals))].test, s.transforms[1], cfg, args, train=False)
+    setup_s, train_start = time.perf_counter() - start, time.perf_counter()
+    epochs = cfg["epochs"]
+    last = min(args.stop_after_epoch or epochs, epochs)
+    with run.stop_on_ctrl_c():
+        for epoch in range(first, last + 1):
+            epoch_start = time.perf_counter()
+            loader.sampler.set_epoch(epoch)  # the order and augmentations of this epoch
+            stats = method.train_epoch(model, loader, optimizer, scheduler, cfg, args, device)
+            extra, record = method.after_epoch(model, epoch, cfg, args, device, test_loader)
+            if record is not None:
+                history.append(record)
+            check_finite(stats, epoch)
+            run.save_checkpoint(training_state(model, args, epoch, optimizer, scheduler, class_text, history))
+            print(epoch_line(epoch, epochs, stats, time.perf_counter() - epoch_start, extra), flush=True)
+        if last < epochs:
+            print(f"stopped after epoch {last} (--stop-after-epoch); continue with --resume")
+            return None
+        run.phase = "evaluation"
+        train_s, eval_start = time.perf_counter() - train_start, time.perf_counter()
+        metrics = evaluate_setup(method, s, args, device)
+        metrics = method.final_metrics(metrics, history, cfg, args)
+        timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": time.perf_counter() - eval_start}
+        run.phase = "results"
+        with ctrl_c_held():  # metrics.json, the pictures and the finished checkpoint, all or none
+            extra = {"config": cfg, "trainable_parameters": sum(p.numel() for p in model.parameters()
+                                                                if p.requires_grad),
+                     "shots_per_class": data.shots_per_class(s.train)}
+            if history:
+                extra["eval_history"] = history
+            write_metrics(run.path, args, metrics, timings, extra, classnames_of(s.evals))
+            for name, figure in method.pictures(model, lambda: examples(s), cfg, args, new_figure).items():
+                atomic_write_png(figure, run.path / name)
+            finish_checkpoint(run.path)
+            print(summary_line(metrics), f"-> {run.path / 'metrics.json'}", flush=True)
+    return metrics
+
+
+def examples(s: Setup, n: int = 4):
+    """A few training images, one per class (the first of each), under the test transform, and
+    their class names: what a method's pictures show."""
+    firsts = list({item.label: item for item in reversed(s.train.train)}.values())[::-1][:n]
+    dataset = data.ImageDataset(firsts, s.transforms[1])
+    return torch.stack([dataset[i][0] for i in range(len(firsts))]), [item.classname for item in firsts]
+
+
+def evaluate_setup(method, s: Setup, args, device) -> dict:
+    """The method's metrics of every evaluation block, with the perturbed prompts of --robustness
+    when the method has that flag and it is on."""
+    loaders = {name: make_loaders(method, split.test, s.transforms[1], s.cfg, args, train=False)
+               for name, split in s.evals.items()}
+    perturbed = data.perturbed_sentences(s.text, s.train.classnames) if getattr(args, "robustness", False) else None
+    return method.evaluate_run(s.model, s.backbone, s.evals, loaders, s.text, s.cfg, args, device, perturbed)
+
+
+def eval_only(method, cli):
+    """--eval-only RUN_DIR: evaluate a finished run with its saved arguments (evaluation options
+    given on this command line win) and rewrite its metrics.json."""
+    ckpt, args, given = eval_only_args(cli, cli_args(method))
+    device = resolve_device(args.device)
+    common.seed_everything(args.seed)
+    s = setup(method, args, device, training=False)
+    if ckpt["epoch"] < s.cfg["epochs"]:
+        raise UserError(f"{cli.eval_only} is unfinished (epoch {ckpt['epoch']} of {s.cfg['epochs']}): "
+                        f"finish it with --resume")
+    load_trainable(s.model, ckpt["trainable"])
+    start = time.perf_counter()
+    metrics = evaluate_setup(method, s, args, device)
+    write_eval_only(cli.eval_only, args, metrics, time.perf_counter() - start, given,
+                    {"config": s.cfg, "shots_per_class": data.shots_per_class(s.train)}, classnames_of(s.evals))
+    print(summary_line(metrics), f"-> {cli.eval_only}/metrics.json")
+    return metrics
+
+
+def load_run(method, run_dir, device="cpu", backbone=None) -> "Predictor":
+    """A finished run of `method` as a `Predictor` (`load_run(biomedap, RUN_DIR)(images)`: class
+    probabilities, plus the method's extras). Needs the run folder and the backbone only: the
+    class names and class text are the run's own (its dataset may have moved or changed)."""
+    ckpt, args = load_finished_run(run_dir, cli_args(method))
+    classnames, text = ckpt["classnames"], ckpt["class_text"]
+    backbone = backbone or common.load_backbone(args.backbone, device)
+    cfg = method.configure(args, backbone, text)
+    if ckpt["epoch"] < cfg["epochs"]:
+        raise UserError(f"{run_dir} is unfinished (epoch {ckpt['epoch']} of {cfg['epochs']}): finish it with --resume")
+    model = method.build(backbone, classnames, text, cfg, args).to(device)
+    load_trainable(model, ckpt["trainable"])
+    return Predictor(model, method.transforms_for(args, backbone)[1], classnames, device, method.prediction_extras)
+
+
+def benchmark(method, args) -> dict:
+    """--benchmark: a training step and inference of `method` against the bare frozen towers
+    (see `benchmark_report`), under --precision, on random inputs."""
+    device = resolve_device(args.device)
+    autocast(args.precision, device)  # refuses bf16 without CUDA before anything is loaded
+    common.seed_everything(args.seed)
+    backbone = common.load_backbone(args.backbone, device)
+    parts = method.benchmark_parts(args, backbone, device, data.synthetic_class_text())
+    return benchmark_report(device, args.precision, **parts)
+
+
+def run(method, args):
+    """What the command line of `method` does with parsed `args` (from `cli_args(method)`): the
+    benchmark, --eval-only, --predict, or a training run."""
+    if args.benchmark:
+        return benchmark(method, args)
+    if args.eval_only:
+        return eval_only(method, args)
+    if args.predict:
+        return predict_cli(args, lambda run_dir, device: load_run(method, run_dir, device))
+    return train(method, args)
+
+
+def run_method(method, argv=None):
+    """A method module's command line: `run_cli` around `run`, with its --help from the module's
+    first docstring paragraph."""
+    return run_cli(lambda args: run(method, args), cli_args(method), method.__doc__.split("\n\n")[0], argv)
 
 
 # --------------------------------------------------------------------------- the command line

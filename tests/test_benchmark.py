@@ -27,7 +27,7 @@ def bench(backbones, monkeypatch):
 
     def go(module, *flags):
         argv = ["--benchmark", "--backbone", "tiny", "--device", "cpu", *flags]
-        return module.main(runner.parse_args(module.Args, argv))
+        return runner.run(module, runner.parse_args(module, argv))
     return go
 
 

@@ -12,8 +12,9 @@ from PIL import Image
 import biomedap
 import common
 import data
-from biomedap import (Args, BiomedAP, GatedFusion, alignment_loss, anchor_kl, anchor_l1, confidence_weight,
-                      default_fusion_layers, high_anchor, main, train_step)
+import runner
+from biomedap import (BiomedAP, GatedFusion, alignment_loss, anchor_kl, anchor_l1, confidence_weight,
+                      default_fusion_layers, high_anchor, train_step)
 from common import UserError
 from data import CLASSNAMES, load_class_text, synthetic_class_text
 
@@ -21,14 +22,15 @@ BACKBONES = ["tiny", "tiny-clip"]
 VARIANTS = ["paper", "official"]
 SYNTH = synthetic_class_text()
 NAMES = list(SYNTH["classes"])
-LAMBDA = {"high": 12.5, "kl": 0.25, "low": 0.3, "align": 0.1}
+WEIGHTS = {"lambda_high": 12.5, "lambda_kl": 0.25, "lambda_low": 0.3, "lambda_align": 0.1}
+Args = runner.cli_args(biomedap)
 
 
 def make_model(bb, variant, text=SYNTH, names=NAMES, n_ctx=4, anchors=True, **kw):
     torch.manual_seed(0)
     high = low = None
     if anchors:
-        high = high_anchor(bb, text, names, 40)
+        high = high_anchor(bb, [text["classes"][c]["descriptions"][:40] for c in names])
         low = F.normalize(torch.randn(len(names), bb.embed_dim), dim=-1)
     return BiomedAP(bb, names, text["template"], text["ctx_init"], n_ctx, variant,
                     high_anchor=high, low_anchor=low, **kw)
@@ -37,10 +39,6 @@ def make_model(bb, variant, text=SYNTH, names=NAMES, n_ctx=4, anchors=True, **kw
 def images_for(bb, n=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, bb.image_size, bb.image_size, generator=g)
-
-
-def step_args(variant):
-    return Args(variant=variant, device="cpu")
 
 
 # ------------------------------------------------------------------ the model
@@ -54,7 +52,7 @@ def test_logits_shape_and_finite_losses(backbones, name, variant):
     assert out["logits"].shape == out["anchor_logits"].shape == (4, len(NAMES))
     assert len(out["fused_text"]) == len(model.fusion_layers) == 2
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    terms, _ = train_step(model, x, y, opt, LAMBDA, step_args(variant))
+    terms, _ = train_step(model, x, y, opt, **WEIGHTS)
     assert all(np.isfinite(v) for v in terms.values()) and terms["loss"] > 0
 
 
@@ -69,7 +67,7 @@ def test_gradients_reach_exactly_the_learnables_and_backbone_is_untouched(backbo
     assert {n.split(".")[0] for n in names} == expected_roots
     assert "prompt_learner.ctx" in names
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    train_step(model, images_for(bb), torch.tensor([0, 1, 2, 3]), opt, LAMBDA, step_args(variant))
+    train_step(model, images_for(bb), torch.tensor([0, 1, 2, 3]), opt, **WEIGHTS)
     for n, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), n
     assert model.prompt_learner.ctx.grad.abs().sum() > 0
@@ -180,7 +178,7 @@ def test_confidence_weight_lies_in_one_to_one_plus_alpha():
 
 def test_high_anchor_is_the_centroid_of_the_first_n_descriptions(backbones):
     bb = backbones("tiny-clip")
-    h = high_anchor(bb, SYNTH, NAMES, 3)
+    h = high_anchor(bb, [SYNTH["classes"][c]["descriptions"][:3] for c in NAMES])
     first = common.encode_sentences(bb, SYNTH["classes"][NAMES[1]]["descriptions"][:3])
     assert torch.allclose(h[1], F.normalize(first.mean(0), dim=-1), atol=1e-6)
     assert torch.allclose(h.norm(dim=-1), torch.ones(len(NAMES)))
@@ -279,8 +277,8 @@ def run(backbones, monkeypatch, tmp_path):
         base = dict(dataset="synthetic", backbone="tiny", shots=2, epochs=2, workers=0, device="cpu",
                     out=str(tmp_path / "runs"), test_batch_size=80)
         args = Args(**{**base, **kw})
-        folder = biomedap.folder_of(args)
-        return main(args), folder
+        folder = runner.run_folder(biomedap, args)
+        return runner.run(biomedap, args), folder
     return go
 
 
@@ -312,7 +310,7 @@ def test_cli_writes_metrics_refuses_overwrite_and_evaluates_again(run):
     assert record["args"]["variant"] == "official" and record["config"]["lambda"]["high"] == 12.5
     with pytest.raises(UserError, match="overwrite"):
         run(variant="official")
-    again = main(Args(eval_only=str(folder), workers=0, device="cpu", robustness=True))
+    again = runner.run(biomedap, Args(eval_only=str(folder), workers=0, device="cpu", robustness=True))
     assert again["test"] == metrics["test"]
     robust = json.loads((folder / "metrics.json").read_text())["metrics"]["robustness"]
     assert list(robust["accuracy"]) == list(data.PERTURBATIONS)

@@ -31,9 +31,9 @@ def small_banks(m=4, C=3, E=8, seed=0):
 def tiny_model(backbones, name, seed=1, classnames=None):
     bb = backbones(name)
     classnames = classnames or list(data.SYNTHETIC_LOOKS)
-    args = bv.Args(**{**FAST, "backbone": name, "seed": seed})
+    args = runner.cli_args(bv)(**{**FAST, "backbone": name, "seed": seed})
     text = data.load_class_text("synthetic", classnames)
-    return bb, args, bv.build_model(bb, text, classnames, args, "cpu")
+    return bb, args, bv.build(bb, classnames, text, bv.configure(args, bb, text), args)
 
 
 # ------------------------------------------------------------------ programs
@@ -133,14 +133,14 @@ def test_confusion_suppression_loss_hand_computed_with_both_anchors():
             g = torch.tensor([0.25, 0.75])
             return {"s_plus": s_plus, "s_minus": s_minus, "gate": g, "logits": g[0] * s_plus + g[1] * s_minus}
 
-    args = bv.Args(beta=0.3, margin=0.5)
+    args = runner.cli_args(bv)(beta=0.3, margin=0.5)
     fused = 0.25 * s_plus + 0.75 * s_minus  # fused logit of y: row 0 2.75, row 1 2.75
     ce = F.cross_entropy(fused, labels)
-    positive = bv.compute_losses(Fixed(), None, labels, replace(args, cs_anchor="positive"))
+    positive = bv.biomedvr_loss(Fixed()(None), labels, **bv.loss_options(replace(args, cs_anchor="positive")))
     assert positive["cs"].item() == pytest.approx(0.75)
     assert positive["loss"].item() == pytest.approx(ce.item() + 0.3 * 0.75)
     # fused anchor: row 0 relu(3 - 2.75 + 0.5) = 0.75, row 1 relu(2 - 2.75 + 0.5) = 0
-    fused_out = bv.compute_losses(Fixed(), None, labels, replace(args, cs_anchor="fused"))
+    fused_out = bv.biomedvr_loss(Fixed()(None), labels, **bv.loss_options(replace(args, cs_anchor="fused")))
     assert fused_out["cs"].item() == pytest.approx(0.375)
     assert fused_out["loss"].item() == pytest.approx(ce.item() + 0.3 * 0.375)
 
@@ -213,13 +213,13 @@ def test_training_step_touches_only_programs_and_gate(backbones, name, monkeypat
     hooks = [text_tower.register_forward_pre_hook(lambda *a: forbidden()),
              bb.model.visual.register_forward_hook(lambda mod, i, o: calls.append(i[0].shape[0]))]
     seen = []  # each step's losses, to check the epoch's averages
-    compute = bv.compute_losses
-    monkeypatch.setattr(bv, "compute_losses", lambda *a: seen.append(compute(*a)) or seen[-1])
+    compute = bv.biomedvr_loss
+    monkeypatch.setattr(bv, "biomedvr_loss", lambda *a, **k: seen.append(compute(*a, **k)) or seen[-1])
     try:
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=2)
         batches = [(torch.rand(3, 3, 24, 24), torch.tensor([0, 1, 2])), (torch.rand(2, 3, 24, 24), torch.tensor([3, 2]))]
-        stats = bv.train_one_epoch(model, batches, optimizer, scheduler, args, torch.device("cpu"))
+        stats = bv.train_one_epoch(model, batches, optimizer, scheduler, torch.device("cpu"), **bv.loss_options(args))
     finally:
         for h in hooks:
             h.remove()
@@ -236,9 +236,8 @@ def test_training_step_touches_only_programs_and_gate(backbones, name, monkeypat
 def test_training_transform_is_the_released_one():
     """Resize the shorter side to S-2w, RandomResizedCrop(S-2w), flip (bicubic): the crop is taken
     of the resized image, so the same random draws give the same pixels as the released Compose."""
-    args = bv.Args(**FAST)
-    train, _ = bv.load_data(args, 32)
-    transform = bv.make_train_loader(train, 32, args).dataset.transform  # 32 - 2 * 4 = 24
+    args = runner.cli_args(bv)(**FAST)
+    transform = bv.transforms_for(args, runner.common.load_backbone("tiny-clip"))[0]  # 32 - 2 * 4 = 24
     released = T.Compose([T.Resize(24, interpolation=T.InterpolationMode.BICUBIC),
                           T.RandomResizedCrop(24, interpolation=T.InterpolationMode.BICUBIC),
                           T.RandomHorizontalFlip(), T.ToTensor()])
@@ -252,18 +251,18 @@ def test_training_transform_is_the_released_one():
 
 def test_every_training_image_is_used_every_epoch():
     """The released loader keeps the last partial batch: 16 images in batches of 6 are 3 steps."""
-    args = bv.Args(**{**FAST, "batch_size": 6})
-    train, _ = bv.load_data(args, 32)
-    loader = bv.make_train_loader(train, 32, args)
+    args = runner.cli_args(bv)(**{**FAST, "batch_size": 6})
+    s = runner.setup(bv, args, "cpu")
+    loader = runner.make_loaders(bv, s.train.train, s.transforms[0], s.cfg, args, train=True)
     sizes = [len(labels) for _, labels in loader]
-    assert len(train.train) == 16 and sizes == [6, 6, 4] and len(loader) == 3
+    assert len(s.train.train) == 16 and sizes == [6, 6, 4] and len(loader) == 3
 
 
 def test_learning_rate_follows_the_cosine_over_epochs_times_steps():
     """SGD (momentum 0.9, no weight decay) on the programs and the gate; after one epoch of 5 steps
     out of 4 epochs the rate is lr (1 + cos(pi / 4)) / 2, and 0 after the last step."""
     model = bv.BioMedVR(8, 2, (0.5,) * 3, (0.25,) * 3, small_banks(), 10.0, 2)
-    optimizer, scheduler = bv.make_optimizer(model, bv.Args(epochs=4, lr=40.0), steps_per_epoch=5)
+    optimizer, scheduler = bv.make_optimizer(model, epochs=4, steps_per_epoch=5, lr=40.0)
     group = optimizer.param_groups[0]
     assert group["momentum"] == 0.9 and group["weight_decay"] == 0.0
     assert [p for p in group["params"]] == [model.delta_plus, model.delta_minus, model.gate]
@@ -288,16 +287,15 @@ def test_a_run_steps_over_every_image_and_anneals_over_all_its_steps(tmp_path):
 
 # ------------------------------------------------------------------ end to end
 def run(tmp_path, **over):
-    return bv.main(bv.Args(**{**FAST, "out": str(tmp_path / "runs"), **over}))
+    return runner.run(bv, runner.cli_args(bv)(**{**FAST, "out": str(tmp_path / "runs"), **over}))
 
 
 def test_training_raises_test_accuracy_well_above_chance(tmp_path, backbones):
-    args = bv.Args(**{**FAST, "shots": 16, "epochs": 30, "lr": 8.0, "batch_size": 32, "out": str(tmp_path)})
-    train, evals = bv.load_data(args, 32)
-    model = bv.build_model(backbones("tiny-clip"), data.load_class_text("synthetic", train.classnames),
-                           train.classnames, args, "cpu")
-    untrained = bv.evaluate(model, bv.make_eval_loaders(evals, 32, args)["test"], args, "cpu")["accuracy"]
-    trained = bv.main(args)["test"]["accuracy"]
+    args = runner.cli_args(bv)(**{**FAST, "shots": 16, "epochs": 30, "lr": 8.0, "batch_size": 32, "out": str(tmp_path)})
+    s = runner.setup(bv, args, "cpu")
+    test = runner.make_loaders(bv, s.evals["test"].test, s.transforms[1], s.cfg, args, train=False)
+    untrained = bv.evaluate(s.model, test, "cpu")["accuracy"]
+    trained = runner.run(bv, args)["test"]["accuracy"]
     assert untrained < 30 and trained > 45 and trained > untrained + 20  # 4 classes: chance is 25
 
 
@@ -322,7 +320,7 @@ def test_cli_writes_metrics_refuses_to_clobber_and_evaluates_only(tmp_path, caps
     out = str(tmp_path / "runs")
     argv = ["--dataset", "synthetic", "--backbone", "tiny", "--frame", "4", "--shots", "2", "--epochs", "2",
             "--batch-size", "8", "--workers", "0", "--out", out, "--eval-every", "1"]
-    metrics = bv.main(runner.parse_args(bv.Args, argv))
+    metrics = runner.run(bv, runner.parse_args(bv, argv))
     folder = runner.run_dir(out, "biomedvr", "synthetic", 2, 1, backbone="tiny")
     record = json.loads((folder / "metrics.json").read_text())
     assert set(record["metrics"]) >= {"test", "gate", "best_test_accuracy_test_selected"}
@@ -332,12 +330,12 @@ def test_cli_writes_metrics_refuses_to_clobber_and_evaluates_only(tmp_path, caps
     assert set(ckpt["trainable"]) == {"delta_plus", "delta_minus", "gate"}
     assert set(ckpt) == {"trainable", "args", "script", "epoch", "history", "classnames", "class_text"}  # finished: no optimiser, no RNG
     with pytest.raises(UserError, match="already holds a finished run"):
-        bv.main(runner.parse_args(bv.Args, argv))
+        runner.run(bv, runner.parse_args(bv, argv))
     with pytest.raises(SystemExit) as exit_:
-        runner.run_cli(bv.main, bv.Args, argv=argv)
+        runner.run_method(bv, argv=argv)
     assert exit_.value.code == 2 and "--overwrite" in capsys.readouterr().err
     checkpoint = (folder / "checkpoint.pt").read_bytes()
-    evaluated = bv.main(runner.parse_args(bv.Args, ["--eval-only", str(folder), "--workers", "0"]))
+    evaluated = runner.run(bv, runner.parse_args(bv, ["--eval-only", str(folder), "--workers", "0"]))
     assert evaluated["test"] == metrics["test"] and evaluated["gate"] == metrics["gate"]
     rewritten = json.loads((folder / "metrics.json").read_text())  # --eval-only rewrites metrics.json, as BiomedAP
     assert rewritten["metrics"]["test"] == metrics["test"] and rewritten["evaluated_with"] == {"workers": 0}

@@ -17,6 +17,7 @@ import biomedap
 import biomedvr
 import common
 import data
+import runner
 from common import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,8 +220,8 @@ def test_both_methods_train_on_one_sentence_per_field(tmp_path, backbones, monke
     text["classes"]["dark spot"]["descriptions"] = ["a dark even image without any bright spot"]
     write_text(folder, text)
     common_args = dict(dataset=str(folder), shots=2, epochs=1, workers=0, device="cpu")
-    ap = biomedap.main(biomedap.Args(backbone="tiny", out=str(tmp_path / "ap"), **common_args))
-    vr = biomedvr.main(biomedvr.Args(backbone="tiny-clip", frame=4, batch_size=4, out=str(tmp_path / "vr"),
+    ap = runner.run(biomedap, runner.cli_args(biomedap)(backbone="tiny", out=str(tmp_path / "ap"), **common_args))
+    vr = runner.run(biomedvr, runner.cli_args(biomedvr)(backbone="tiny-clip", frame=4, batch_size=4, out=str(tmp_path / "vr"),
                                      **common_args))
     assert ap["test"]["n"] == vr["test"]["n"] == 2
     assert "fewer \"descriptions\" than the 20 per class" in capsys.readouterr().err

@@ -24,17 +24,17 @@ module = __import__(sys.argv[2])
 moment, argv = sys.argv[3], sys.argv[4:]
 evaluating = []
 if moment == "evaluation":
-    real_evaluate_all, real_iter = module.evaluate_all, data.Loader.__iter__
-    def evaluate_all(*args, **kwargs):
+    real_evaluate_run, real_iter = module.evaluate_run, data.Loader.__iter__
+    def evaluate_run(*args, **kwargs):
         evaluating.append(True)
-        return real_evaluate_all(*args, **kwargs)
+        return real_evaluate_run(*args, **kwargs)
     def slow_iter(self):
         for batch in real_iter(self):
             if evaluating:
                 print("evaluating", flush=True)
                 time.sleep(0.2)
             yield batch
-    module.evaluate_all, data.Loader.__iter__ = evaluate_all, slow_iter
+    module.evaluate_run, data.Loader.__iter__ = evaluate_run, slow_iter
 if moment == "results":
     real_write = runner.atomic_write_text
     def slow_write(*args, **kwargs):
@@ -42,7 +42,7 @@ if moment == "results":
         time.sleep(1)
         return real_write(*args, **kwargs)
     runner.atomic_write_text = slow_write
-runner.run_cli(module.main, module.Args, argv=argv)
+runner.run_method(module, argv=argv)
 """
 
 

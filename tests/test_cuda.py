@@ -53,7 +53,7 @@ LOGIT_TOL = 2e-4
 
 def cli(module, *argv):
     """The method's command line, run in this process (the imports are already paid)."""
-    return module.main(runner.parse_args(module.Args, [str(a) for a in argv]))
+    return runner.run(module, runner.parse_args(module, [str(a) for a in argv]))
 
 
 def train(method, out, device, *flags):
@@ -100,12 +100,12 @@ def build(method, device):
     backbone = common.load_backbone("tiny-clip", device)  # random towers: the same on every device
     torch.manual_seed(0)
     if method.startswith("biomedap"):
-        args = biomedap.Args(variant=METHODS[method][1][1], backbone="tiny-clip", device=device)
+        args = runner.cli_args(biomedap)(variant=METHODS[method][1][1], backbone="tiny-clip", device=device)
         text = data.synthetic_class_text()
         cfg = biomedap.resolve(args, "synthetic", backbone, text["ctx_init"])
         model = biomedap.build_model(backbone, list(text["classes"]), text, cfg, args, device)
     else:
-        args = biomedvr.Args(dataset="synthetic", backbone="tiny-clip", device=device)
+        args = runner.cli_args(biomedvr)(dataset="synthetic", backbone="tiny-clip", device=device)
         names = list(data.SYNTHETIC_LOOKS)
         model = biomedvr.build_model(backbone, data.load_class_text("synthetic", names), names, args, device)
     g = torch.Generator().manual_seed(1)  # move every learnable off its initial value

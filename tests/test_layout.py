@@ -1,6 +1,8 @@
-"""The layout readers rely on: a small common.py that imports no project file, imports that run
-one way (methods -> runner -> data -> common), standalone zeroshot.py and report.py, help that
-says what each flag expects, and the old `python common.py ...` commands pointing to the new ones."""
+"""The layout readers rely on: a small common.py that imports no project file; method files that
+import only common at module level (their command line reaches runner inside `main`), so a method
+file plus common.py is the whole method; the rest one way (runner -> data -> common), standalone
+zeroshot.py and report.py; help that says what each flag expects; and the old `python common.py
+...` commands pointing to the new ones."""
 import ast
 import os
 import subprocess
@@ -33,12 +35,16 @@ def project_imports(name):
 def test_imports_run_one_way_without_circles_or_tricks():
     graph = {name: {m for m, _ in project_imports(name)} for name in PROJECT}
     for name in PROJECT:
-        assert not any(inner for _, inner in project_imports(name)), f"{name}.py imports a project file in a function"
+        inner = {m for m, in_function in project_imports(name) if in_function}
+        allowed = {"runner"} if name in ("biomedap", "biomedvr") else set()  # the method's `main` only
+        assert inner <= allowed, f"{name}.py imports {inner - allowed} in a function"
         assert "importlib" not in graph[name], f"{name}.py looks modules up by name"
     assert graph["common"] == set() and graph["data"] == {"common"}
     assert graph["runner"] == {"common", "data"}
-    for name in ("biomedap", "biomedvr", "zeroshot"):
-        assert graph[name] <= {"common", "data", "runner"}
+    for name in ("biomedap", "biomedvr"):
+        top = {m for m, in_function in project_imports(name) if not in_function}
+        assert top == {"common"}, f"{name}.py imports {top - {'common'}} at module level: it must stand alone"
+    assert graph["zeroshot"] <= {"common", "data", "runner"}
     assert not any("report" in graph[n] or "zeroshot" in graph[n] for n in PROJECT if n != "report"), \
         "report.py and zeroshot.py are scripts: nothing imports them"
 
@@ -49,7 +55,7 @@ def test_imports_run_one_way_without_circles_or_tricks():
 
 def test_files_stay_readable_sizes():
     lines = {name: len((REPO / f"{name}.py").read_text().splitlines()) for name in PROJECT}
-    assert lines["common"] <= 450
+    assert lines["common"] <= 500
     assert lines["biomedap"] < 700 and lines["biomedvr"] < 700
 
 

@@ -31,12 +31,12 @@ def test_predict_matches_the_runs_own_evaluation(name, folder, tmp_path, capsys)
     module, out = METHODS[name], tmp_path / "runs"
     argv = ["--dataset", str(folder), "--backbone", "tiny", "--shots", "2", "--epochs", "1", "--workers", "0",
             "--device", "cpu", "--out", str(out)]
-    metrics = runner.run_cli(module.main, module.Args, argv=argv)
+    metrics = runner.run_method(module, argv=argv)
     run_dir = runner.run_dir(str(out), name, str(folder), 2, 1, backbone="tiny")
     test = data.load_splits(str(folder)).test
     capsys.readouterr()
     csv_path = tmp_path / "predictions.csv"
-    rows = runner.run_cli(module.main, module.Args, argv=["--predict", str(run_dir), *[t.path for t in test],
+    rows = runner.run_method(module, argv=["--predict", str(run_dir), *[t.path for t in test],
                                                             "--predictions", str(csv_path), "--device", "cpu"])
     classnames = data.load_splits(str(folder)).classnames
     confusion = [[0] * len(classnames) for _ in classnames]
@@ -56,19 +56,19 @@ def test_predict_matches_the_runs_own_evaluation(name, folder, tmp_path, capsys)
 
 def test_load_run_is_importable_and_takes_a_folder_of_images(folder, tmp_path, capsys):
     out = tmp_path / "runs"
-    runner.run_cli(biomedvr.main, biomedvr.Args, argv=[
+    runner.run_method(biomedvr, argv=[
         "--dataset", str(folder), "--backbone", "tiny", "--shots", "2", "--epochs", "1", "--workers", "0",
         "--device", "cpu", "--out", str(out)])
-    predictor = biomedvr.load_run(runner.run_dir(str(out), "biomedvr", str(folder), 2, 1, backbone="tiny"))
+    predictor = runner.load_run(biomedvr, runner.run_dir(str(out), "biomedvr", str(folder), 2, 1, backbone="tiny"))
     images = data.find_images([folder / "red_disc"])
     result = predictor(images)
     assert result["probabilities"].shape == (10, 4) and len(result["positive_expert"]) == 10
     run = runner.run_dir(str(out), "biomedvr", str(folder), 2, 1, backbone="tiny")
     with pytest.raises(common.UserError, match="holds a biomedvr run, not a biomedap one: read it with python biomedvr.py"):
-        biomedap.load_run(run)
+        runner.load_run(biomedap, run)
     for argv in (["--eval-only", str(run)], ["--predict", str(run), str(folder / "red_disc")]):
         with pytest.raises(SystemExit) as stop:
-            runner.run_cli(biomedap.main, biomedap.Args, argv=argv + ["--device", "cpu"])
+            runner.run_method(biomedap, argv=argv + ["--device", "cpu"])
         assert stop.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning: ")]
     assert len(err) == 2 and all(line.startswith("error: ") and "python biomedvr.py" in line and len(line) < 400

@@ -27,7 +27,7 @@ TINY = ["--dataset", "synthetic", "--backbone", "tiny", "--shots", "2", "--epoch
 def cli(module, argv):
     """run_cli as the command line runs it: the return value, or the exit code on SystemExit."""
     try:
-        return module.__name__, runner.run_cli(module.main, module.Args, argv=argv)
+        return module.__name__, runner.run_method(module, argv=argv)
     except SystemExit as exit_:
         return module.__name__, exit_.code
 
@@ -158,7 +158,7 @@ def test_dataset_names_in_any_case_share_one_run_folder(tmp_path, monkeypatch):
 def test_a_bad_command_line_is_one_line(argv, capsys):
     for module in METHODS.values():
         with pytest.raises(SystemExit) as exit_:
-            runner.parse_args(module.Args, argv)
+            runner.parse_args(module, argv)
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.startswith("error: argument ") and err.count("\n") == 1
 
@@ -227,9 +227,9 @@ def test_a_folder_with_one_class_is_refused(tmp_path):
 
 
 def test_predictions_into_a_folder_and_wrong_shaped_summaries(tmp_path, capsys):
-    args = biomedvr.Args(predict=[str(tmp_path), "x.png"], predictions=str(tmp_path))
+    args = runner.cli_args(biomedvr)(predict=[str(tmp_path), "x.png"], predictions=str(tmp_path))
     with pytest.raises(UserError, match="is a folder"):
-        runner.predict_cli(args, biomedvr.load_run)
+        runner.predict_cli(args, lambda run_dir, device: runner.load_run(biomedvr, run_dir, device))
     for i, content in enumerate(([1, 2], {"args": {}, "metrics": {}}, {"metrics": {"test": {"accuracy": 50.0}}})):
         runner.atomic_write_json(tmp_path / "m" / "busi" / "4shot" / f"seed{i + 1}" / "metrics.json", content)
     text = report.summarize(tmp_path)

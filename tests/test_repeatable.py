@@ -20,7 +20,7 @@ def train(name, workers, out, capsys, **over):
     and the learned tensors of a finished run."""
     module = METHODS[name]
     capsys.readouterr()
-    module.main(module.Args(**{**TINY, "workers": workers, "out": str(out), **over}))
+    runner.run(module, runner.cli_args(module)(**{**TINY, "workers": workers, "out": str(out), **over}))
     epochs = [re.sub(r" time [\d.]+s$", "", line) for line in capsys.readouterr().out.splitlines()
               if line.startswith("epoch ")]
     folder = runner.run_dir(str(out), name, "synthetic", TINY["shots"], TINY["seed"], backbone="tiny")
@@ -74,7 +74,7 @@ def test_resume_with_another_worker_count_ends_as_an_uninterrupted_run(name, tmp
     ends with exactly the numbers of a run that never stopped."""
     whole, epochs, learned = train(name, 0, tmp_path / "whole", capsys)
     module = METHODS[name]
-    module.main(module.Args(**{**TINY, "workers": 0, "out": str(tmp_path / "split"), "stop_after_epoch": 1}))
+    runner.run(module, runner.cli_args(module)(**{**TINY, "workers": 0, "out": str(tmp_path / "split"), "stop_after_epoch": 1}))
     resumed, resumed_epochs, resumed_learned = train(name, 2, tmp_path / "split", capsys, resume=True)
     del whole["args"]["resume"], resumed["args"]["resume"]
     assert resumed == whole and resumed_epochs == epochs[1:]

@@ -16,7 +16,7 @@ EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+) loss \d+\.\d{4} ce \d+\.\d{4} .*tra
 
 
 def helps(module):
-    parser = runner.build_parser(module.Args)
+    parser = runner.build_parser(runner.cli_args(module))
     return {a.dest: a.help for a in parser._actions if a.dest != "help"}, parser.format_help()
 
 
@@ -32,15 +32,15 @@ def test_epoch_lines_eval_only_and_unfinished_runs_behave_alike(module, tmp_path
     out = str(tmp_path / "runs")
     argv = ["--dataset", "synthetic", "--backbone", "tiny", "--shots", "2", "--epochs", "2", "--workers", "0",
             "--device", "cpu", "--out", out]
-    runner.run_cli(module.main, module.Args, argv=argv + ["--stop-after-epoch", "1"])
-    folder = module.folder_of(runner.parse_args(module.Args, argv))
+    runner.run_method(module, argv=argv + ["--stop-after-epoch", "1"])
+    folder = runner.run_folder(module, runner.parse_args(module, argv))
     with pytest.raises(SystemExit) as exit_:
-        runner.run_cli(module.main, module.Args, argv=["--eval-only", str(folder)])
+        runner.run_method(module, argv=["--eval-only", str(folder)])
     assert exit_.value.code == 2 and "is unfinished (epoch 1 of 2): finish it with --resume" in capsys.readouterr().err
-    metrics = runner.run_cli(module.main, module.Args, argv=argv + ["--resume"])
+    metrics = runner.run_method(module, argv=argv + ["--resume"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
     assert len(lines) == 1 and EPOCH_LINE.match(lines[0]) and lines[0].startswith("epoch 2/2 ")
-    again = runner.run_cli(module.main, module.Args, argv=["--eval-only", str(folder), "--workers", "0"])
+    again = runner.run_method(module, argv=["--eval-only", str(folder), "--workers", "0"])
     record = json.loads((folder / "metrics.json").read_text())
     assert again["test"] == metrics["test"] == record["metrics"]["test"] and record["evaluated_with"] == {"workers": 0}
     assert set(runner.load_checkpoint(folder)) <= set(runner.FINISHED_CHECKPOINT_KEYS)
