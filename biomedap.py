@@ -105,7 +105,7 @@ REFERENCE_DEPTH, REFERENCE_FUSION = 12, (5, 8)  # the paper's blocks 5 and 8 of 
 
 @dataclasses.dataclass
 class Args(runner.RunArgs):  # + the run flags (--eval-only, --resume, --device, --out, ...)
-    dataset: str = arg("btmri", "benchmark (btmri, busi, ...), synthetic, or your own folder of class sub-folders")
+    dataset: str = arg("btmri", "a benchmark (listed below), synthetic, or your own folder of class sub-folders")
     shots: int = arg(16, "K labelled training images per class", at_least=1)
     seed: int = arg(1, "seed of the few-shot subset, the initialisation and the data order", at_least=0)
     subsample: str = arg("all", "all: few-shot on every class; base: train on base classes, test base and novel",

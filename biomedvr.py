@@ -91,7 +91,7 @@ ATTRIBUTE_SETS = ("descriptions", "distinctive", "confusions")  # Des, Dist, Con
 
 @dataclass
 class Args(runner.RunArgs):  # + the run flags (--eval-only, --resume, --device, --out, ...)
-    dataset: str = arg("btmri", "benchmark (btmri, busi, ...), synthetic, or your own folder of class sub-folders")
+    dataset: str = arg("btmri", "a benchmark (listed below), synthetic, or your own folder of class sub-folders")
     shots: int = arg(16, "K labelled training images per class", at_least=1)
     seed: int = arg(1, "seed of the few-shot subset, the initialisation and the data order", at_least=0)
     subsample: str = arg("all", "all: few-shot on every class; base: train on base classes, test base and novel",

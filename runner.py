@@ -86,7 +86,7 @@ class RunArgs:
     experiment and its own knobs, listed first in --help."""
     root: str = arg("data", "folder holding the benchmark datasets", metavar="DIR", resume_may_differ=True,
                     eval_option=True)
-    download: bool = arg(False, "fetch a missing benchmark dataset", resume_may_differ=True, eval_option=True)
+    download: bool = arg(False, "fetch a missing medical benchmark", resume_may_differ=True, eval_option=True)
     eval_only: str = arg("", "evaluate a finished run; rewrite its metrics.json", metavar="RUN_DIR",
                          resume_may_differ=True)
     predict: list = list_arg(str, "classify images or folders with a finished run", nargs="+",
@@ -122,7 +122,9 @@ class HelpFormatter(argparse.HelpFormatter):
 def build_parser(args_cls, description: str = "", prog=None) -> argparse.ArgumentParser:
     """argparse from a dataclass: field `foo_bar` becomes `--foo-bar`; a bool (off by default)
     becomes a switch; list fields take several values; fields defaulting to None accept `none`."""
-    parser = OneLineParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    parser = OneLineParser(prog=prog, description=description, formatter_class=HelpFormatter,
+                           epilog=f"--dataset: {data.benchmarks_line()}" if "dataset" in names else None)
     run_flags = {f.name for f in dataclasses.fields(RunArgs)}
     for f in sorted(dataclasses.fields(args_cls), key=lambda f: f.name in run_flags):  # the method's own first
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
