@@ -1,14 +1,20 @@
-"""Datasets for the BiomedCoOp few-shot benchmark, your own image folders, and a synthetic set.
+"""Datasets: the BiomedCoOp few-shot benchmark, BioMedVR's natural-image benchmarks, your own
+image folders, and a synthetic set.
 
-A dataset is named on the command line as one of three things:
-  * a benchmark name (`btmri`, `busi`, ...): `<root>/<DIR>/split_<DIR>.json` with the images under
-    `<root>/<DIR>/<DIR>/`, fetched from huggingface.co/datasets/TahaKoleilat/BiomedCoOp by `--download`;
+A dataset is named on the command line as one of four things:
+  * a medical benchmark (`btmri`, `busi`, ...; MEDICAL): `<root>/<DIR>/split_<DIR>.json` with the
+    images under `<root>/<DIR>/<DIR>/`, fetched from huggingface.co/datasets/TahaKoleilat/BiomedCoOp
+    by `--download`;
+  * a natural-image benchmark (`caltech101`, `dtd`, ...; NATURAL, BioMedVR's Table 3) in CoOp's
+    data layout (`<root>/dtd/images/` and `<root>/dtd/split_zhou_DescribableTextures.json`), fetched
+    by hand as CoOp's DATASETS.md says; each underscore of its class names becomes a space, as
+    CoOp's trainers do before building any text ("car_side" -> "car side");
   * a path to your own folder with one sub-folder per class (and optionally `split.json`, `prompts.json`);
   * `synthetic`: four classes of generated shapes, made in memory, for smoke runs and tests.
 
 The few-shot subsets and base/novel classes follow the official pipeline (Dassl's
-`generate_fewshot_dataset` and the `subsample_classes` of each BiomedCoOp dataset), so the same
-split file and seed give the same images as the papers.
+`generate_fewshot_dataset` and the `subsample_classes` of each BiomedCoOp and CoOp dataset), so the
+same split file and seed give the same images as the papers.
 
 `python data.py prompts FOLDER` writes a starter prompts.json (the class text) for your own folder.
 
@@ -51,14 +57,48 @@ from common import OneLineParser, UserError, one_line
 
 # ---------------------------------------------------------------- registry
 
-DATASETS = {  # CLI name -> folder name (Dassl's DATASET.NAME)
+# Two kinds of benchmark, kept apart. MEDICAL: the eleven datasets of the BiomedCoOp benchmark, which
+# both papers' main tables use (--download fetches them). NATURAL: the seven natural-image
+# benchmarks of BioMedVR's Table 3, in the data folder that CoOp, CoCoOp, MaPLe and their successors
+# document (fetched by hand; no download here).
+MEDICAL = {  # CLI name -> folder name (Dassl's DATASET.NAME)
     "btmri": "BTMRI", "busi": "BUSI", "chmnist": "CHMNIST", "covid": "COVID_19",
     "ctkidney": "CTKidney", "dermamnist": "DermaMNIST", "kneexray": "KneeXray",
     "kvasir": "Kvasir", "lungcolon": "LungColon", "octmnist": "OCTMNIST", "retina": "RETINA",
 }
 
-# Label order of the official split files. The loader always reads names and order from the split
-# file itself; this table is what prompts/*.json are checked against.
+
+@dataclass(frozen=True)
+class CoOpLayout:
+    """Where a natural-image benchmark lies under --root, as CoOp's DATASETS.md lays it out."""
+    folder: str  # <root>/<folder>/
+    images: str  # <root>/<folder>/<images>/: the split file's paths are relative to it
+    split: str  # <root>/<folder>/<split>: {"train"|"val"|"test": [[relative path, label, class name], ...]}
+    section: str  # its section of DATASETS.md, which says what to fetch
+    classes: int  # classes in CoOp's split file: another count is warned about
+
+
+NATURAL = {  # CLI name -> its layout; the CLI name is the folder's, except for caltech101 and food101
+    "caltech101": CoOpLayout("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", "caltech101", 100),
+    "food101": CoOpLayout("food-101", "images", "split_zhou_Food101.json", "food101", 101),
+    "dtd": CoOpLayout("dtd", "images", "split_zhou_DescribableTextures.json", "dtd", 47),
+    "eurosat": CoOpLayout("eurosat", "2750", "split_zhou_EuroSAT.json", "eurosat", 10),
+    "oxford_pets": CoOpLayout("oxford_pets", "images", "split_zhou_OxfordPets.json", "oxfordpets", 37),
+    "oxford_flowers": CoOpLayout("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json", "flowers102", 102),
+    "ucf101": CoOpLayout("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", "ucf101", 101),
+}
+COOP_DATASETS = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
+BENCHMARKS = (*MEDICAL, *NATURAL)  # every benchmark's CLI name: its run folders' and prompts/<name>.json's
+
+
+def benchmarks_line() -> str:
+    """The benchmarks by kind, in one line, for --help and the unknown-dataset error."""
+    return (f"medical benchmarks (--download fetches them): {' '.join(MEDICAL)}; natural benchmarks "
+            f"(in CoOp's data folder, fetched by hand): {' '.join(NATURAL)}")
+
+
+# Label order of the medical benchmarks' split files. The loader always reads names and order from
+# the split file itself; this table is what their prompts/*.json are checked against.
 CLASSNAMES = {
     "btmri": ["glioma tumor", "meningioma tumor", "pituitary tumor", "normal brain"],
     "busi": ["benign tumor", "malignant tumor", "normal scan"],
@@ -107,11 +147,12 @@ class Splits:
 
 # ---------------------------------------------------------------- split files
 
-def read_split_file(path, image_dir=None) -> dict[str, list[Item]]:
+def read_split_file(path, image_dir=None, underscores_as_spaces: bool = False) -> dict[str, list[Item]]:
     """Read `{"train"|"val"|"test": [[relative_path, label, "class name"], ...]}`.
 
     Paths are relative to `image_dir`: by default `<DIR>/` beside an official `split_<DIR>.json`,
-    otherwise the split file's own folder (your own `split.json`).
+    otherwise the split file's own folder (your own `split.json`). `underscores_as_spaces`: each
+    "_" of a class name becomes " " before any check (CoOp's split files: "car_side" is "car side").
     """
     path = Path(path)
     if image_dir is None:
@@ -140,6 +181,8 @@ def read_split_file(path, image_dir=None) -> dict[str, list[Item]]:
             if not ok:
                 raise wrong(f'"{split}" entry {index} is {json.dumps(entry)[:120]}')
             relative, label, classname = entry[0], entry[1], nfc(entry[2])
+            if underscores_as_spaces:
+                classname = classname.replace("_", " ")
             if names.setdefault(label, classname) != classname:
                 raise wrong(f'label {label} is called both "{names[label]}" and "{classname}"')
             parts[split].append(Item(os.path.abspath(image_dir / relative), label, classname))
@@ -299,7 +342,7 @@ def dataset_arg(dataset: str) -> str:
     """The --dataset value a run records: a benchmark's registry name, or a folder's absolute path
     (so evaluation and prediction later find the same folder from anywhere)."""
     dataset = str(dataset)
-    if dataset.lower() == "synthetic" or dataset.lower() in DATASETS:
+    if dataset.lower() == "synthetic" or dataset.lower() in BENCHMARKS:
         return dataset.lower()
     return str(Path(dataset).resolve()) if Path(dataset).is_dir() else dataset
 
@@ -307,11 +350,12 @@ def dataset_arg(dataset: str) -> str:
 def dataset_key(dataset: str) -> str:
     """The one name of a dataset, for run folders and summaries.
 
-    A benchmark in any case (`BUSI`, `Busi`) gives its registry name (`busi`), `synthetic` gives
-    itself, and a folder its own name after resolving (`.` and `./mine/` give the folder's name).
+    A benchmark in any case (`BUSI`, `Oxford_Pets`) gives its registry name (`busi`, `oxford_pets`),
+    `synthetic` gives itself, and a folder its own name after resolving (`.` and `./mine/` give the
+    folder's name).
     """
     dataset = str(dataset)
-    if dataset.lower() == "synthetic" or dataset.lower() in DATASETS:
+    if dataset.lower() == "synthetic" or dataset.lower() in BENCHMARKS:
         return dataset.lower()
     name = printable(Path(dataset).resolve().name)  # run folders and summaries are text
     if not name:
@@ -323,25 +367,28 @@ def load_splits(dataset: str, root: str = "data", download: bool = False, split_
                 image_size: int = 224) -> Splits:
     """The full train/val/test splits of a benchmark name, your own folder, or `synthetic`.
 
-    `split_seed` only shapes the split of your own folder when it has no split.json: it is not
-    the run's seed, so runs with different seeds share one test set; `image_size` only the
-    synthetic images.
+    `download` fetches a missing medical benchmark; for a natural one it only changes the error's
+    wording (they are fetched by hand). `split_seed` only shapes the split of your own folder when
+    it has no split.json: it is not the run's seed, so runs with different seeds share one test
+    set; `image_size` only the synthetic images.
     """
     dataset = str(dataset)
     if dataset.lower() == "synthetic":
         return _synthetic_splits(image_size)
-    if dataset.lower() in DATASETS:
-        return _benchmark_splits(dataset.lower(), Path(root), download)
+    if dataset.lower() in MEDICAL:
+        return _medical_splits(dataset.lower(), Path(root), download)
+    if dataset.lower() in NATURAL:
+        return _natural_splits(dataset.lower(), Path(root), download)
     if Path(dataset).is_dir():
         return _folder_splits(Path(dataset), split_seed)
     if "/" in dataset or os.sep in dataset or dataset.startswith("."):
         raise UserError(f"dataset folder {dataset} does not exist")
-    raise UserError(f"unknown dataset '{dataset}': use one of {', '.join(DATASETS)}, synthetic, "
+    raise UserError(f"unknown dataset '{dataset}': use a benchmark ({benchmarks_line()}), synthetic, "
                     "or the path to your own folder with one sub-folder per class")
 
 
-def _benchmark_splits(name, root, download):
-    folder = root / DATASETS[name]
+def _medical_splits(name, root, download):
+    folder = root / MEDICAL[name]
     split_path = folder / f"split_{folder.name}.json"
     if not split_path.is_file():
         if not download:
@@ -352,6 +399,32 @@ def _benchmark_splits(name, root, download):
         download_dataset(name, root)
     parts = read_split_file(split_path)
     splits = Splits(**parts, classnames=_classnames(sum(parts.values(), [])), name=name)
+    check_every_class_trains(splits, split_path)
+    check_images_open(sum(parts.values(), []), split_path)
+    warn_identical_images(parts, split_path)
+    return splits
+
+
+def _natural_splits(name, root, download):
+    """A natural-image benchmark from CoOp's layout; a missing split file or image folder is one
+    line naming what is missing and where CoOp's instructions for fetching it are."""
+    layout = NATURAL[name]
+    folder = root / layout.folder
+    split_path, image_dir = folder / layout.split, folder / layout.images
+    missing = [shown for shown, there in ((str(split_path), split_path.is_file()), (f"{image_dir}/", image_dir.is_dir()))
+               if not there]
+    if missing:
+        what, it = " and ".join(missing), "them" if len(missing) > 1 else "it"
+        where = f"as CoOp's data instructions say: {COOP_DATASETS}#{layout.section}"
+        if download:
+            raise UserError(f"--download does not fetch the natural-image benchmarks: fetch {what} by hand {where}")
+        raise UserError(f"dataset {name} not found: {what} {'do' if len(missing) > 1 else 'does'} not exist; "
+                        f"fetch {it} {where}")
+    parts = read_split_file(split_path, image_dir=image_dir, underscores_as_spaces=True)
+    splits = Splits(**parts, classnames=_classnames(sum(parts.values(), [])), name=name)
+    if len(splits.classnames) != layout.classes:
+        print(f"warning: {split_path} has {len(splits.classnames)} classes, CoOp's has {layout.classes}: "
+              f"results are not comparable with the published ones", file=sys.stderr)
     check_every_class_trains(splits, split_path)
     check_images_open(sum(parts.values(), []), split_path)
     warn_identical_images(parts, split_path)
@@ -449,7 +522,7 @@ def download_dataset(name: str, root) -> Path:
     # Held over the check, the download and the rename, so no process ever sees another's
     # half-made target or renames onto it. The file is removed while the lock is held: filelock
     # notices when the file it locked was removed meanwhile and locks the new one instead.
-    path = Path(root) / f".{DATASETS[name]}.lock"
+    path = Path(root) / f".{MEDICAL[name]}.lock"
     with filelock.FileLock(path):
         try:
             return _download_locked(name, root)
@@ -459,7 +532,7 @@ def download_dataset(name: str, root) -> Path:
 
 
 def _download_locked(name, root):
-    folder = DATASETS[name]
+    folder = MEDICAL[name]
     target, split_name = Path(root) / folder, f"split_{folder}.json"
     by_hand = (f"download {folder}.zip from huggingface.co/datasets/{HF_REPO} by hand and unzip it so "
                f"that {target / split_name} and the images under {target / folder}/ exist")
@@ -1203,20 +1276,21 @@ def load_class_text(dataset: str, classnames: list[str], root: str = "data", met
     """The class text of a dataset, checked for what `method` reads of it (a key of
     CLASS_TEXT_NEEDS; None: everything), restricted to `classnames` in that order.
 
-    Benchmarks read prompts/<name>.json, your own folder its prompts.json, synthetic its built-in
-    text. Warnings go to stderr; class keys are matched in Unicode NFC; a class without some
+    Benchmarks read prompts/<name>.json (a natural benchmark's keys are its class names with
+    spaces for underscores, as the loader gives them), your own folder its prompts.json, synthetic
+    its built-in text. Warnings go to stderr; class keys are matched in Unicode NFC; a class without some
     sentences gets an empty list; a missing ctx_init is the template's words before its `{}`.
     `root` is accepted so callers can pass the arguments they gave load_splits.
     """
     if dataset.lower() == "synthetic":
         text, source = synthetic_class_text(), "built-in synthetic text"
     else:
-        if dataset.lower() in DATASETS:
+        if dataset.lower() in BENCHMARKS:
             path = PROMPTS_DIR / f"{dataset.lower()}.json"
         else:
             path = Path(dataset) / "prompts.json"
         if not path.is_file():
-            start = "" if dataset.lower() in DATASETS else f" (python data.py prompts {dataset} writes a starter)"
+            start = "" if dataset.lower() in BENCHMARKS else f" (python data.py prompts {dataset} writes a starter)"
             raise UserError(f"this method needs class text but {path} does not exist: write it in the "
                             f"schema of prompts/*.json{start}")
         try:

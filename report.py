@@ -6,7 +6,9 @@ Tables per folder and method: zero-shot (three scorings, with the published Biom
 few-shot accuracy (datasets x shots, zero-shot at K=0, mean +- std over seeds, the average over
 datasets), base-to-novel (base, novel, true harmonic mean and the arithmetic mean, with and
 without BUSI), prompt robustness. Runs are found at any depth below the folder and grouped by the
-folder above <method>. Nothing imports this file; it reads only metrics.json files.
+folder above <method>. The natural-image benchmarks (data.NATURAL, BioMedVR's Table 3) get their
+own few-shot table and their own averages, apart from the medical ones and your own datasets.
+Nothing imports this file; it reads only metrics.json files.
 """
 import argparse
 import csv
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+import data
 from common import UserError, harmonic_mean
 from runner import OneLineParser, atomic_write_png, atomic_write_text, new_figure
 
@@ -29,8 +32,8 @@ PUBLISHED_FEWSHOT_MEAN = {"accuracy": 42.38, "without": "dermamnist",
 PUBLISHED_BASE2NOVEL_MEAN = {"base": 47.84, "novel": 65.42, "hm": 53.81, "without": "busi",
                              "source": "BiomedCoOp README, BiomedCLIP zero-shot, 10 datasets without BUSI; "
                                        "HM = mean of per-dataset HMs"}
-BENCHMARKS = ("btmri", "busi", "chmnist", "covid", "ctkidney", "dermamnist", "kneexray", "kvasir", "lungcolon",
-              "octmnist", "retina")
+NATURAL_TITLE = "the natural-image benchmarks (BioMedVR's Table 3)"
+AVERAGES = {"average": False, "natural average": True}  # panel or row -> over the natural benchmarks?
 SCORINGS = ("photo_template", "clinical_template", "descriptions")
 ZERO_SHOT_COLUMN = "photo_template"  # K=0 of the few-shot tables and fewshot.png: as published
 
@@ -115,8 +118,11 @@ def summarize(root="runs") -> str:
         for method in sorted({k[1] for k in runs if k[0] == folder} - {"zeroshot"}):
             label = _label(folder, method)
             few = {k: v for k, v in runs.items() if k[:2] == (folder, method) and k[4] == "fewshot"}
+            for natural in (False, True):  # the natural benchmarks apart, as the paper's Table 3
+                part = {k: v for k, v in few.items() if (k[2] in data.NATURAL) == natural}
+                if part:
+                    lines += _fewshot_table(folder, method, part, zero, rows, natural)
             if few:
-                lines += _fewshot_table(folder, method, few, zero, rows)
                 lines += _robustness_table(folder, method, few, rows)
             b2n = {k: v for k, v in runs.items() if k[:2] == (folder, method) and k[4] == "base2novel"}
             if b2n:
@@ -132,7 +138,9 @@ def summarize(root="runs") -> str:
                                  f"{(base + novel) / 2:.2f} |")
                     rows += [[folder, method, "base2novel", d, k, "base", f"{base:.4f}", "", len(seeds)],
                              [folder, method, "base2novel", d, k, "novel", f"{novel:.4f}", "", len(seeds)]]
-                for name, keep in (("average", lambda d: True), ("average without BUSI", lambda d: d != "busi")):
+                for name, keep in (("average", lambda d: d not in data.NATURAL),
+                                   ("average without BUSI", lambda d: d not in data.NATURAL and d != "busi"),
+                                   ("natural average", lambda d: d in data.NATURAL)):
                     vals = [v for d, v in table.items() if keep(d)]
                     if vals:
                         base, novel = np.mean([v[0] for v in vals]), np.mean([v[1] for v in vals])
@@ -180,7 +188,7 @@ def _zero_shot_table(folder, zero, rows):
                 photo[d] = m
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
     published = PUBLISHED_FEWSHOT_MEAN
-    compared = [d for d in BENCHMARKS if d != published["without"]]
+    compared = [d for d in data.MEDICAL if d != published["without"]]
     ours = [photo[d] for d in compared if d in photo]
     if ours:
         lines += ["", f"photo_template, mean over the {len(compared)} benchmark datasets without "
@@ -208,7 +216,7 @@ def _zero_shot_base2novel_table(folder, zero, rows):
             if scoring == "photo_template":
                 photo[d] = (base, novel)
     published = PUBLISHED_BASE2NOVEL_MEAN
-    compared = [d for d in BENCHMARKS if d != published["without"]]
+    compared = [d for d in data.MEDICAL if d != published["without"]]
     ours = [photo[d] for d in compared if d in photo]
     if ours:
         base, novel = np.mean([b for b, _ in ours]), np.mean([n for _, n in ours])
@@ -220,12 +228,14 @@ def _zero_shot_base2novel_table(folder, zero, rows):
     return lines + [""]
 
 
-def _fewshot_table(folder, method, few, zero, rows):
+def _fewshot_table(folder, method, few, zero, rows, natural=False):
     """Datasets x shots; the first column is the zero-shot run of the same folder ("a photo of a
-    {}.", the published zero-shot rows' template)."""
+    {}.", the published zero-shot rows' template). `natural`: `few` holds the natural-image
+    benchmarks, whose table is headed as such."""
     shots = sorted({k[3] for k in few})
     datasets = sorted({k[2] for k in few})
-    lines = [f"## {_label(folder, method)}: few-shot accuracy (%), mean ± std over seeds (K=0: zero-shot)", "",
+    on = f" on {NATURAL_TITLE}" if natural else ""
+    lines = [f"## {_label(folder, method)}: few-shot accuracy (%){on}, mean ± std over seeds (K=0: zero-shot)", "",
              "| dataset | K=0 | " + " | ".join(f"K={k}" for k in shots) + " |", "|---|---|" + "---|" * len(shots)]
     per_shot = {k: [] for k in [0, *shots]}
     for d in datasets:
@@ -263,26 +273,31 @@ def _robustness_table(folder, method, few, rows):
 
 def fewshot_series(runs) -> dict:
     """What fewshot.png plots: {panel: {label: [(shots, mean, low, high), ...]}}. A panel is a
-    dataset, or "average" when there are several; a label is "<folder>/<method>", or
-    "<folder>/zero-shot" with one point at K=0 ("a photo of a {}." scoring); low and high are the min
-    and max over seeds. The average panel averages the datasets that have each K; its spread
-    is over the per-seed averages when those datasets share their seeds, else none."""
+    dataset, or "average" when there are several ("natural average" for the natural-image
+    benchmarks, averaged apart); a label is "<folder>/<method>", or "<folder>/zero-shot" with one
+    point at K=0 ("a photo of a {}." scoring); low and high are the min and max over seeds. An
+    average panel averages its datasets that have each K; its spread is over the per-seed averages
+    when those datasets share their seeds, else none."""
     accuracy = {}  # label -> dataset -> shots -> {seed: accuracy}
     for (folder, method, d, k, protocol), seeds in runs.items():
         if protocol != "base2novel" and (protocol != "zeroshot" or all(ZERO_SHOT_COLUMN in r for r in seeds.values())):
             label = _label(folder, "zero-shot" if protocol == "zeroshot" else method)
             block = ZERO_SHOT_COLUMN if protocol == "zeroshot" else "test"
             accuracy.setdefault(label, {}).setdefault(d, {})[k] = {s: r[block]["accuracy"] for s, r in seeds.items()}
-    several = len({d for by_dataset in accuracy.values() for d in by_dataset}) > 1
+    datasets = {d for by_dataset in accuracy.values() for d in by_dataset}
+    groups = {panel: {d for d in datasets if (d in data.NATURAL) == natural} for panel, natural in AVERAGES.items()}
     series = {}
     for label, by_dataset in sorted(accuracy.items()):
         for d, by_shots in by_dataset.items():
             series.setdefault(d, {})[label] = [(k, float(np.mean(list(a.values()))), min(a.values()), max(a.values()))
                                                for k, a in sorted(by_shots.items())]
-        if several:
+        for panel, members in groups.items():
+            group = [by_shots for d, by_shots in by_dataset.items() if d in members]
+            if len(members) < 2 or not group:
+                continue
             points = []
-            for k in sorted({k for by_shots in by_dataset.values() for k in by_shots}):
-                per_dataset = [by_shots[k] for by_shots in by_dataset.values() if k in by_shots]
+            for k in sorted({k for by_shots in group for k in by_shots}):
+                per_dataset = [by_shots[k] for by_shots in group if k in by_shots]
                 mean = float(np.mean([np.mean(list(a.values())) for a in per_dataset]))
                 seeds = [set(a) for a in per_dataset]
                 if all(s == seeds[0] for s in seeds):
@@ -290,14 +305,14 @@ def fewshot_series(runs) -> dict:
                     points.append((k, mean, float(min(per_seed)), float(max(per_seed))))
                 else:
                     points.append((k, mean, mean, mean))
-            series.setdefault("average", {})[label] = points
+            series.setdefault(panel, {})[label] = points
     return series
 
 
 def plot_fewshot(series: dict, path: Path):
-    """One panel per dataset (and the average): accuracy against K, a line per method with
+    """One panel per dataset (and the averages): accuracy against K, a line per method with
     min-max error bars over seeds, the zero-shot runs as stars at K=0."""
-    panels = sorted(p for p in series if p != "average") + (["average"] if "average" in series else [])
+    panels = sorted(p for p in series if p not in AVERAGES) + [p for p in AVERAGES if p in series]
     shots = sorted({pt[0] for by_label in series.values() for pts in by_label.values() for pt in pts})
     labels = sorted({label for by_label in series.values() for label in by_label})
     colour = {label: f"C{i % 10}" for i, label in enumerate(labels)}
@@ -334,17 +349,21 @@ def plot_fewshot(series: dict, path: Path):
 def base2novel_series(runs) -> dict:
     """What base2novel.png plots: {"<folder>/<method>": [(name, base, novel, HM), ...]}, means
     over seeds per dataset (name "<dataset> K=<shots>") and, with several datasets, their
-    average with the true harmonic mean of the averaged base and novel accuracy, as in the table."""
-    bars = {}
+    average with the true harmonic mean of the averaged base and novel accuracy, as in the table
+    ("natural average" for the natural-image benchmarks, averaged apart)."""
+    bars, kinds = {}, {}  # kinds: label -> [is the dataset natural?], beside its entries
     for (folder, method, d, k, protocol), seeds in sorted(runs.items()):
         if protocol == "base2novel" and method != "zeroshot":
             base = float(np.mean([r["base"]["accuracy"] for r in seeds.values()]))
             novel = float(np.mean([r["novel"]["accuracy"] for r in seeds.values()]))
             bars.setdefault(_label(folder, method), []).append((f"{d} K={k}", base, novel, harmonic_mean(base, novel)))
-    for entries in bars.values():
-        if len(entries) > 1:
-            base, novel = float(np.mean([e[1] for e in entries])), float(np.mean([e[2] for e in entries]))
-            entries.append(("average", base, novel, harmonic_mean(base, novel)))
+            kinds.setdefault(_label(folder, method), []).append(d in data.NATURAL)
+    for label, entries in bars.items():
+        for name, natural in AVERAGES.items():
+            group = [e for e, kind in zip(entries, kinds[label]) if kind == natural]
+            if len(group) > 1:
+                base, novel = float(np.mean([e[1] for e in group])), float(np.mean([e[2] for e in group]))
+                entries.append((name, base, novel, harmonic_mean(base, novel)))
     return bars
 
 

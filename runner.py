@@ -65,7 +65,7 @@ def default_workers() -> int:
 class ExperimentArgs:
     """What a run of either method is an experiment on, listed first in --help: `cli_args(method)`
     adds these to a method's own `Args`."""
-    dataset: str = arg("btmri", "benchmark (btmri, busi, ...), synthetic, or your own folder of class sub-folders")
+    dataset: str = arg("btmri", "a benchmark (listed below), synthetic, or your own folder of class sub-folders")
     shots: int = arg(16, "K labelled training images per class", at_least=1)
     seed: int = arg(1, "seed of the few-shot subset, the initialisation and the data order", at_least=0)
     subsample: str = arg("all", "all: few-shot on every class; base: train on base classes, test base and novel",
@@ -80,7 +80,7 @@ class RunArgs:
     (the experiment and its knobs, listed first in --help)."""
     root: str = arg("data", "folder holding the benchmark datasets", metavar="DIR", resume_may_differ=True,
                     eval_option=True)
-    download: bool = arg(False, "fetch a missing benchmark dataset", resume_may_differ=True, eval_option=True)
+    download: bool = arg(False, "fetch a missing medical benchmark", resume_may_differ=True, eval_option=True)
     eval_only: str = arg("", "evaluate a finished run; rewrite its metrics.json", metavar="RUN_DIR",
                          resume_may_differ=True)
     predict: list = list_arg(str, "classify images or folders with a finished run", nargs="+",
@@ -116,7 +116,9 @@ class HelpFormatter(argparse.HelpFormatter):
 def build_parser(args_cls, description: str = "", prog=None) -> argparse.ArgumentParser:
     """argparse from a dataclass: field `foo_bar` becomes `--foo-bar`; a bool (off by default)
     becomes a switch; list fields take several values; fields defaulting to None accept `none`."""
-    parser = OneLineParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    parser = OneLineParser(prog=prog, description=description, formatter_class=HelpFormatter,
+                           epilog=f"--dataset: {data.benchmarks_line()}" if "dataset" in names else None)
     run_flags, experiment = {f.name for f in dataclasses.fields(RunArgs)}, [f.name for f in dataclasses.fields(ExperimentArgs)]
     order = lambda f: (f.name not in experiment, f.name in run_flags)  # noqa: E731  experiment, the method's, run flags
     for f in sorted(dataclasses.fields(args_cls), key=order):

@@ -37,9 +37,9 @@ PHOTO_TEMPLATE = "a photo of a {}."  # the published zero-shot rows' template, f
 
 @dataclass
 class Args:
-    dataset: str = arg("btmri", "benchmark name (btmri, busi, ...), synthetic, or your own folder of class sub-folders")
+    dataset: str = arg("btmri", "a benchmark (listed below), synthetic, or your own folder of class sub-folders")
     root: str = arg("data", "folder holding the benchmark datasets", metavar="DIR")
-    download: bool = arg(False, "fetch a missing benchmark dataset from the Hugging Face hub")
+    download: bool = arg(False, "fetch a missing medical benchmark from the Hugging Face hub")
     subsample: str = arg("all", "all: every class on the test split; base: base and novel classes apart, "
                          "and their harmonic mean", ["all", "base"])
     backbone: str = arg("biomedclip", "frozen backbone: biomedclip, clip, hf-hub:ORG/REPO, local-dir:PATH, tiny, ...")

@@ -41,7 +41,7 @@ def write_png(path, mode="RGB", size=(12, 10), value=None):
 def make_official(root, name="btmri", counts=(5, 3, 2)):
     """A tiny benchmark in the official layout; label order is CLASSNAMES, not alphabetical,
     and the split file lists the classes in reverse so order must come from the labels."""
-    folder = data.DATASETS[name]
+    folder = data.MEDICAL[name]
     base = root / folder
     split = {}
     for part, count in zip(data.SPLIT_NAMES, counts):
@@ -70,8 +70,8 @@ def items(labels):
 
 # ------------------------------------------------------------------ split files and the registry
 def test_registry_names_and_classnames_agree():
-    assert set(data.DATASETS) == set(data.CLASSNAMES)
-    assert data.DATASETS["covid"] == "COVID_19" and len(data.DATASETS) == 11
+    assert set(data.MEDICAL) == set(data.CLASSNAMES)
+    assert data.MEDICAL["covid"] == "COVID_19" and len(data.MEDICAL) == 11
 
 
 def test_official_layout_is_read_with_label_order_from_the_file(tmp_path):
@@ -122,7 +122,7 @@ def test_missing_dataset_mentions_layout_and_download_flag(tmp_path):
 def test_unknown_dataset_lists_valid_names():
     with pytest.raises(UserError) as error:
         data.load_splits("imagenet")
-    assert all(name in str(error.value) for name in [*data.DATASETS, "synthetic"])
+    assert all(name in str(error.value) for name in [*data.BENCHMARKS, "synthetic"])
 
 
 def test_missing_image_is_named_before_training(tmp_path):

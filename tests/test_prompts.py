@@ -22,7 +22,7 @@ def check_sentences(text, source):
             assert not odd, f"{source}: class {name!r} {field} outside {low}..{high} words: {odd[:2]}"
 
 
-@pytest.mark.parametrize("name", sorted(data.DATASETS))
+@pytest.mark.parametrize("name", sorted(data.MEDICAL))
 def test_prompt_file(name):
     path = data.PROMPTS_DIR / f"{name}.json"
     assert path.is_file(), f"{path} is missing"
@@ -38,3 +38,31 @@ def test_prompt_file(name):
 def test_synthetic_text():
     check_sentences(data.synthetic_class_text(), "synthetic")
     assert set(data.synthetic_class_text()["classes"]) == set(data.load_splits("synthetic").classnames)
+
+
+@pytest.mark.parametrize("name", list(data.NATURAL))
+def test_natural_class_text(name):
+    """prompts/<name>.json of a natural-image benchmark: a template with {}, and for each of the
+    split file's classes (its names with spaces for underscores) at least 20 descriptions, 5
+    distinctive sentences and 5 confusions of 20 words or more; no sentence twice in the file."""
+    path = data.PROMPTS_DIR / f"{name}.json"
+    if not path.is_file():
+        pytest.skip(f"{path} is not there yet")
+    text = json.loads(path.read_text(encoding="utf-8"))
+    assert data.template_problem(text["template"]) is None, f"{path}: {data.template_problem(text['template'])}"
+    classes = {key: entry for key, entry in text["classes"].items() if not key.startswith("_")}
+    assert len(classes) == data.NATURAL[name].classes, f"{path}: {len(classes)} classes"
+    assert not [key for key in classes if "_" in key or key != data.nfc(key)], f"{path}: keys as the loader names them"
+    seen = {}  # sentence, in lower case with single spaces -> (class, field) where it first is
+    for key, entry in classes.items():
+        counts = {field: len(entry.get(field, [])) for field in FIELDS}
+        assert counts["descriptions"] >= 20 and counts["distinctive"] >= 5 and counts["confusions"] >= 5, \
+            f"{path}: class {key!r} has {counts}"
+        short = [s for s in entry["confusions"] if len(s.split()) < 20]
+        assert not short, f"{path}: class {key!r} has confusions under 20 words: {short[:2]}"
+        for field in FIELDS:
+            for sentence in entry[field]:
+                words = " ".join(sentence.lower().split())
+                assert words and words not in seen, f"{path}: {sentence!r} of {key!r} {field} is also in {seen.get(words)}"
+                seen[words] = (key, field)
+    assert data.validate_class_text(text, str(path), "biomedvr", list(classes)) == []
