@@ -75,6 +75,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import classtext
 import common
 import data
 import runner
@@ -453,8 +454,7 @@ def setup(args, device, anchors=True):
     train = data.subsample_classes(splits, args.subsample)
     evals = {"test": train} if args.subsample == "all" else {"base": train,
                                                              "novel": data.subsample_classes(splits, "novel")}
-    text = data.load_class_text(args.dataset, splits.classnames, args.root, method="biomedap")
-    data.check_text_fits(backbone, text, splits.classnames, data.CLASS_TEXT_ENCODES["biomedap"])
+    text = runner.class_text(args, backbone, splits.classnames, "biomedap")
     cfg = resolve(args, args.dataset, backbone, text["ctx_init"])
     support = make_eval_loader(train.train, backbone, dataclasses.replace(args, workers=0)) if anchors else None
     model = build_model(backbone, train.classnames, text, cfg, args, device, support)
@@ -532,7 +532,7 @@ def evaluate_with_robustness(model, loader, args, device, text, classnames):
     C = len(classnames)
     metrics = common.classification_metrics(score(model, feats, model.text_features()), labels, C)
     accuracy = {}
-    for name, sentences in data.perturbed_sentences(text, classnames).items():
+    for name, sentences in classtext.perturbed_sentences(text, classnames).items():
         ids, embeds = model.prompt_learner.fixed_part(sentences)
         accuracy[name] = common.classification_metrics(score(model, feats, model.text_features(embeds, ids)),
                                                        labels, C)["accuracy"]
@@ -566,9 +566,9 @@ def classnames_of(evals):
 
 
 def folder_of(args):
-    """runs/[<backbone>/]biomedap[-official]/<dataset>/<K>shot[_base2novel]/seed<S>/"""
-    method = "biomedap" if args.variant == "paper" else "biomedap-official"
-    return runner.run_dir(args.out, method, args.dataset, args.shots, args.seed, args.subsample, args.backbone)
+    """runs/[<backbone>/][text-<hash>/]biomedap[-official]/<dataset>/<K>shot[_base2novel]/seed<S>/"""
+    return runner.run_dir(args.out, "biomedap" if args.variant == "paper" else "biomedap-official", args.dataset,
+                          args.shots, args.seed, args.subsample, args.backbone, args.class_text)
 
 
 def eval_only(cli):

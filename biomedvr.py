@@ -295,8 +295,7 @@ def setup(args, device):
     backbone = common.load_backbone(args.backbone, device)
     train, evals = load_data(args, backbone.image_size)
     everyone = [name for split in evals.values() for name in split.classnames]  # base and novel alike
-    class_text = data.load_class_text(args.dataset, everyone, args.root, method="biomedvr")
-    data.check_text_fits(backbone, class_text, everyone, data.CLASS_TEXT_ENCODES["biomedvr"])
+    class_text = runner.class_text(args, backbone, everyone, "biomedvr")
     model = build_model(backbone, class_text, train.classnames, args, device)
     cfg = {"frame": frame_width(args, backbone.image_size), "batch_size": batch_size(args)}
     return backbone, model, train, evals, class_text, cfg
@@ -374,9 +373,10 @@ def save_programs_png(model, train, S, args, path, n=4):
 
 
 def folder_of(args):
-    """runs/[<backbone>/]biomedvr[-fused]/<dataset>/<K>shot[_base2novel]/seed<S>/"""
+    """runs/[<backbone>/][text-<hash>/]biomedvr[-fused]/<dataset>/<K>shot[_base2novel]/seed<S>/"""
     method = "biomedvr" if args.cs_anchor == "positive" else "biomedvr-fused"
-    return runner.run_dir(args.out, method, args.dataset, args.shots, args.seed, args.subsample, args.backbone)
+    return runner.run_dir(args.out, method, args.dataset, args.shots, args.seed, args.subsample, args.backbone,
+                          args.class_text)
 
 
 def eval_only(cli):

@@ -6,13 +6,13 @@ dataclass (each field carries its own range, and whether it may change on --resu
 --eval-only), run folders and their locks, atomic writes, checkpoints and --resume, metrics.json
 and confusion.png, --eval-only, --predict, the --benchmark timing, the --check-setup preflight
 of a sweep, and Ctrl-C. It knows no method's flags by name. Imports run one way:
-method files -> runner -> data -> common.
+method files -> runner -> classtext -> data -> common.
 
 Sections, in order: arguments (`arg`, `RunArgs`, `parse_args`, `validate_args`); run folders
 (`run_dir`, `RunFolder`, `start_run`, `check_resume`); checkpoints and --resume; what a run
 prints; --eval-only; files (atomic writes, `write_metrics`, confusion.png); the command line
 (`run_cli`, the hub check); the benchmark harness; prediction (`Predictor`, `predict_cli`);
-the setup check.
+a run's class text (`class_text`) and the setup check.
 """
 import argparse
 import csv
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from filelock import FileLock, Timeout
 
+import classtext
 import common
 import data
 from common import BIOMEDCLIP, OneLineParser, UserError, autocast, resolve_device
@@ -106,6 +107,8 @@ class RunArgs:
     benchmark: bool = arg(False, "time a training step and evaluation against the bare towers; print JSON",
                           resume_may_differ=True)
     out: str = arg("runs", "folder of run folders", metavar="DIR", resume_may_differ=True)
+    class_text: str = arg("", "run on this class-text file instead of the dataset's own (python classtext.py "
+                              "write or import makes one); its runs go to a folder of their own", metavar="FILE")
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -218,13 +221,14 @@ def backbone_folder(backbone: str) -> str:
 
 
 def run_dir(out: str, method: str, dataset: str, shots: int, seed: int, subsample: str = "all",
-            backbone: str = DEFAULT_BACKBONE) -> Path:
-    """runs/[<backbone>/]<method>/<dataset>/<K>shot[_base2novel]/seed<S>/: everything that changes
-    the numbers and is not a hyper-parameter is in the path, so a sweep never mistakes one run for
-    another (`method` carries a variant, e.g. biomedap-official)."""
+            backbone: str = DEFAULT_BACKBONE, class_text: str = "") -> Path:
+    """runs/[<backbone>/][text-<hash>/]<method>/<dataset>/<K>shot[_base2novel]/seed<S>/: everything
+    that changes the numbers and is not a hyper-parameter is in the path, so a sweep never mistakes
+    one run for another (`method` carries a variant, e.g. biomedap-official; text-<hash> keys a
+    --class-text FILE by its content, classtext.class_text_folder)."""
     suffix = "_base2novel" if subsample == "base" else ""
-    return (Path(out) / backbone_folder(backbone) / method / data.dataset_key(dataset) / f"{shots}shot{suffix}"
-            / f"seed{seed}")
+    return (Path(out) / backbone_folder(backbone) / classtext.class_text_folder(class_text) / method
+            / data.dataset_key(dataset) / f"{shots}shot{suffix}" / f"seed{seed}")
 
 
 def _lock_folder(path: Path) -> FileLock:
@@ -326,9 +330,10 @@ def check_resume(saved_args: dict, args) -> None:
 def start_run(args, folder_of):
     """What a training run checks before anything is loaded: the shared arguments, the device and
     precision, the run folder `folder_of(args)` (never clobbered), and with --resume the checkpoint
-    and its settings. A folder dataset is recorded by its absolute path. Returns (args, device,
-    RunFolder, checkpoint or None)."""
-    args = dataclasses.replace(args, dataset=data.dataset_arg(args.dataset))
+    and its settings. A folder dataset and a --class-text file are recorded by their absolute paths.
+    Returns (args, device, RunFolder, checkpoint or None)."""
+    args = dataclasses.replace(args, dataset=data.dataset_arg(args.dataset),
+                               class_text=str(Path(args.class_text).resolve()) if args.class_text else "")
     folder = folder_of(args)
     validate_args(args)
     if getattr(args, "predictions", ""):
@@ -432,6 +437,10 @@ def eval_only_args(cli, args_cls):
     """(checkpoint, arguments to evaluate with, the evaluation options this command line changed)."""
     validate_args(cli)
     ckpt, args = load_finished_run(cli.eval_only, args_cls)
+    keyed = [part for part in Path(cli.eval_only).resolve().parts if part.startswith("text-")]
+    if args.class_text and keyed and classtext.class_text_folder(args.class_text) != keyed[-1]:
+        raise UserError(f"the class text {args.class_text} has changed since {cli.eval_only} was trained (its folder "
+                        f"is {keyed[-1]}): put the run's text back, or train a run on the new text")
     defaults = args_cls()
     given = {f.name: getattr(cli, f.name) for f in dataclasses.fields(cli)
              if f.metadata.get("eval_option") and getattr(cli, f.name) != getattr(defaults, f.name)}
@@ -524,6 +533,10 @@ def write_metrics(folder: Path, args, metrics: dict, timings: dict, extra: dict 
     record = {"args": dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args),
               "metrics": metrics, "timings": timings, "versions": library_versions(),
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()}
+    if record["args"].get("class_text"):  # read instead of the dataset's own text (the content: in the checkpoint)
+        path = Path(record["args"]["class_text"])
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        record["class_text_file"] = {"path": str(path.resolve()), "sha256": digest}
     record.update(extra or {})
     atomic_write_json(Path(folder) / "metrics.json", record)
     plot_confusion(metrics, Path(folder) / "confusion.png", classnames)
@@ -801,7 +814,16 @@ def predict_cli(args, load_run, batch_size: int = 32):
     return rows
 
 
-# --------------------------------------------------------------------------- setup check
+# --------------------------------------------------------------------------- class text and the setup check
+def class_text(args, backbone, classnames, method: str) -> dict:
+    """The class text a run of `method` reads (--class-text FILE, else its dataset's own), checked
+    for what the method reads of it and tokenised as `backbone`'s text tower will (classtext.py)."""
+    text = classtext.load_class_text(args.dataset, classnames, args.root, method,
+                                     path=getattr(args, "class_text", "") or None)
+    classtext.check_text_fits(backbone, text, classnames, classtext.CLASS_TEXT_ENCODES[method])
+    return text
+
+
 def check_setup(args) -> None:
     """`--check-setup DATASET...`: what a sweep needs, checked once before its first job: these
     flags are valid, the backbone loads, and every dataset is there (downloaded once with
@@ -809,9 +831,8 @@ def check_setup(args) -> None:
     the class text this command uses)."""
     validate_args(args)
     backbone = common.load_backbone(args.backbone, "cpu")
-    method = script_of(type(args))[:-3]  # the class text each command reads: data.CLASS_TEXT_ENCODES
+    method = script_of(type(args))[:-3]  # the class text each command reads: classtext.CLASS_TEXT_ENCODES
     for name in args.check_setup:
         splits = data.load_splits(name, args.root, args.download)
-        text = data.load_class_text(name, splits.classnames, args.root, method=method)
-        data.check_text_fits(backbone, text, splits.classnames, data.CLASS_TEXT_ENCODES[method])
+        class_text(dataclasses.replace(args, dataset=name), backbone, splits.classnames, method)
     print(f"setup ok: backbone {args.backbone}, datasets {' '.join(args.check_setup)}", file=sys.stderr)
