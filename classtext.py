@@ -21,6 +21,7 @@ of --class-text); BiomedAP's prompt perturbations; fitting the text tower; the s
 sentence's checks; writing with a language model (prompts, server, the session); import; check;
 the command line.
 """
+import argparse
 import hashlib
 import ipaddress
 import io
@@ -1224,15 +1225,15 @@ def check(args) -> int:
 # ---------------------------------------------------------------- the command line
 
 def _number(kind, low, what):
+    """An argparse type: a `kind` number >= `low`; anything else is one line saying `what` it must be."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or value < low or (kind is float and value != value):
-            raise ValueError(what)
+        if value is None or not value >= low:  # NaN is not >= anything
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}")
         return value
-    parse.__name__ = what  # argparse names the type in its one-line error
     return parse
 
 
@@ -1262,7 +1263,7 @@ def build_parser() -> OneLineParser:
     for field in TEXT_FIELDS:
         write_.add_argument(f"--{field}", type=count, default=DEFAULT_COUNTS[field], metavar="N",
                             help=f"{field} per class (default: {DEFAULT_COUNTS[field]})")
-    write_.add_argument("--temperature", type=_number(float, 0, "a number >= 0"), default=TEMPERATURE,
+    write_.add_argument("--temperature", type=_number(float, 0, "a number >= 0"), default=TEMPERATURE, metavar="T",
                         help=f"sampling temperature (default: {TEMPERATURE}, BioMedVR's generator)")
     write_.add_argument("--jobs", type=_number(int, 1, "a whole number >= 1"), default=4, metavar="N",
                         help="classes asked for at the same time (default: 4)")

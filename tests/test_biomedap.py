@@ -15,8 +15,9 @@ import common
 import data
 from biomedap import (Args, BiomedAP, GatedFusion, alignment_loss, anchor_kl, anchor_l1, confidence_weight,
                       default_fusion_layers, high_anchor, main, train_step)
+from classtext import load_class_text
 from common import UserError
-from data import CLASSNAMES, load_class_text, synthetic_class_text
+from data import CLASSNAMES, synthetic_class_text
 
 BACKBONES = ["tiny", "tiny-clip"]
 VARIANTS = ["paper", "official"]

@@ -674,7 +674,7 @@ def test_dataset_names_any_case_and_folder_paths_name_the_folder(tmp_path, monke
     assert data.dataset_key(".") == "my_folder" == data.load_splits(".").name
     (mine / "prompts.json").write_text(json.dumps(own_text(["a", "b"])))
     assert list(classtext.load_class_text(".", ["a", "b"])["classes"]) == ["a", "b"]
-    monkeypatch.setattr(data, "PROMPTS_DIR", tmp_path)
+    monkeypatch.setattr(classtext, "PROMPTS_DIR", tmp_path)
     (tmp_path / "busi.json").write_text(json.dumps(own_text(data.CLASSNAMES["busi"])))
     assert list(classtext.load_class_text("Busi", data.CLASSNAMES["busi"])["classes"]) == data.CLASSNAMES["busi"]
     assert list(classtext.load_class_text("SYNTHETIC", ["red disc"])["classes"]) == ["red disc"]
@@ -709,7 +709,7 @@ def test_own_folder_class_text_lists_missing_classes(tmp_path):
 
 
 def test_benchmark_class_text_comes_from_prompts_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "PROMPTS_DIR", tmp_path)
+    monkeypatch.setattr(classtext, "PROMPTS_DIR", tmp_path)
     (tmp_path / "busi.json").write_text(json.dumps(own_text(["benign tumor", "normal scan"])))
     with pytest.raises(UserError) as error:
         classtext.load_class_text("busi", data.CLASSNAMES["busi"])
