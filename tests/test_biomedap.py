@@ -12,7 +12,6 @@ from PIL import Image
 import biomedap
 import classtext
 import common
-import data
 from biomedap import (Args, BiomedAP, GatedFusion, alignment_loss, anchor_kl, anchor_l1, confidence_weight,
                       default_fusion_layers, high_anchor, main, train_step)
 from classtext import load_class_text

@@ -241,13 +241,17 @@ def cut_json(body):
     return answer(json.dumps({"sentences": sentences(name, field, count)})[:-30])  # a length limit hit mid-string
 
 
+def garbage(body):
+    return answer('{sentences: [oops')  # JSON in name only
+
+
 def bad_lines(body):
     name, field, count = asked(body)
     return answer(json.dumps({"sentences": ["short.", "{} is the slot of the template, said back",
                                             *sentences(name, field, count - 2)]}))
 
 
-@pytest.mark.parametrize("first", [too_few, with_repeats, refusal, cut_json, bad_lines])
+@pytest.mark.parametrize("first", [too_few, with_repeats, refusal, cut_json, garbage, bad_lines])
 def test_short_answers_are_asked_again_for_what_is_missing(tmp_path, server, capsys, first):
     folder = own_folder(tmp_path / "scans", ("a_spot", "b_ring"))
     server.script = [first]
@@ -262,7 +266,23 @@ def test_short_answers_are_asked_again_for_what_is_missing(tmp_path, server, cap
     again = server.bodies()[1]["messages"][1]["content"]
     before = [s for s in kept if s in again]  # what the first answer gave, listed not to be repeated
     assert f"Write {4 - len(before)} sentence" in again
-    assert ("already written; do not repeat" in again) == (first is not refusal)
+    assert ("already written; do not repeat" in again) == (first not in (refusal, garbage))
+
+
+def test_a_sentence_of_another_class_is_left_out_and_asked_again(tmp_path, server, capsys):
+    folder = own_folder(tmp_path / "scans", ("a_spot", "b_ring"))
+
+    def repeat_a(body):  # class b's answer starts with a sentence class a already has
+        taken = json.loads((folder / "prompts.json").read_text())["classes"]["a spot"]["descriptions"][0]
+        name, field, count = asked(body)
+        return answer(json.dumps({"sentences": [taken, *sentences(name, field, count - 1)]}))
+    server.script = [good, repeat_a]
+    code, _, err = write(server, folder, "--descriptions", "3", "--distinctive", "0", "--confusions", "0",
+                         "--jobs", "1", capsys=capsys)
+    text = json.loads((folder / "prompts.json").read_text())["classes"]
+    assert code == 0 and len(server.requests) == 3, err
+    assert not set(text["a spot"]["descriptions"]) & set(text["b ring"]["descriptions"])
+    assert "Write 1 sentence " in server.bodies()[2]["messages"][1]["content"]
 
 
 def test_a_class_still_short_after_the_re_asks_is_named_in_one_line(tmp_path, server, capsys):
@@ -302,6 +322,8 @@ def test_a_server_without_json_schema_gets_numbered_lines(tmp_path, server, caps
     ([error(400, "This model's maximum context length is 4096 tokens", "context_length_exceeded")], 2,
      "the request is longer than the model's context"),
     ([error(429, "You exceeded your current quota", "insufficient_quota")], 2, "the account has no quota left"),
+    ([error(429, "slow down", None, {"retry-after": "0"})] * 6, 2, "the server's rate limit refused 6 requests in a "
+                                                                  "row (HTTP 429: slow down): lower --jobs"),
 ])
 def test_server_errors_are_retried_or_end_in_one_line(tmp_path, server, capsys, script, code, said):
     folder = own_folder(tmp_path / "scans", ("a_spot", "b_ring"))
