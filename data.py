@@ -16,14 +16,13 @@ The few-shot subsets and base/novel classes follow the official pipeline (Dassl'
 `generate_fewshot_dataset` and the `subsample_classes` of each BiomedCoOp and CoOp dataset), so the
 same split file and seed give the same images as the papers.
 
-`python data.py prompts FOLDER` writes a starter prompts.json (the class text) for your own folder.
+The class text the methods anchor on (prompts.json, its checks, writing it) is classtext.py's.
 
 Sections, in order, each readable on its own: the registry; split files and image files (what
 counts as an image, the check before training); loading a dataset (benchmarks, your own folders);
 download; few-shot and base/novel; decoding images as a viewer shows them (`to_rgb`,
-`open_image`, DICOM through pydicom's display functions); the synthetic set; transforms and
-loaders (each random draw a function of seed, epoch and index); class text (schema, what each
-command needs, `check_text_fits`); the starter prompts.json.
+`open_image`, DICOM through pydicom's display functions); the synthetic set (its images and its
+class text); transforms and loaders (each random draw a function of seed, epoch and index).
 """
 
 import colorsys
@@ -36,7 +35,6 @@ import random
 import shutil
 import signal
 import stat
-import string
 import sys
 import tempfile
 import threading
@@ -53,7 +51,7 @@ import torchvision.transforms as T
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from common import OneLineParser, UserError, one_line
+from common import UserError, one_line
 
 # ---------------------------------------------------------------- registry
 
@@ -126,7 +124,6 @@ DICOM_EXTENSIONS = {".dcm", ".dicom"}
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"} | DICOM_EXTENSIONS
 MAX_ASPECT = 20  # longest side over shortest: beyond it an image is refused (see _check_aspect)
 EXIF_ORIENTATION = 0x0112
-PROMPTS_DIR = Path(__file__).parent / "prompts"
 
 
 @dataclass(frozen=True)
@@ -473,6 +470,17 @@ def class_folders(folder) -> dict[str, Path]:
                             f"name '{name}' (underscores become spaces, accents are compared composed): "
                             "merge or rename one")
     return owners
+
+
+def folder_classnames(folder) -> list[str]:
+    """The class names of your own folder in label order, in Unicode NFC: those of its split.json,
+    else its class sub-folders' (underscores become spaces), as load_splits gives them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder: give your dataset folder, with one sub-folder per class")
+    if (folder / "split.json").is_file():
+        return _classnames(sum(read_split_file(folder / "split.json", image_dir=folder).values(), []))
+    return list(class_folders(folder))
 
 
 def _stratified_split(folder, seed):
@@ -968,6 +976,38 @@ def draw_synthetic(path: str) -> Image.Image:
     return Image.fromarray((np.clip(pixels, 0, 1) * 255).round().astype(np.uint8))
 
 
+def synthetic_class_text() -> dict:
+    """Class text for the synthetic set, in the schema of prompts/*.json, built from its looks."""
+    places = ["near the centre of the image", "shifted towards one side of the image",
+              "small compared with the whole frame", "large and filling much of the frame"]
+    classes = {}
+    for name, (_, shape, outline, fill) in SYNTHETIC_LOOKS.items():
+        colour = name.split()[0]
+        frames = [f"a {colour} {shape} on a noisy grey background, {{}}.",
+                  f"an image with one {shape} in {colour}, {{}}.",
+                  f"a {shape} with {outline}, {{}}.",
+                  f"a {shape} showing {fill}, {{}}.",
+                  f"a bright {colour} object shaped like a {shape}, {{}}."]
+        confusions = []
+        for other, (_, _, other_outline, other_fill) in SYNTHETIC_LOOKS.items():
+            if other != name:
+                confusions += [
+                    f"a {name} can be confused with a {other} when heavy noise hides the details, but a "
+                    f"{name} is {colour} with {fill}, while a {other} is {other.split()[0]} with {other_fill}.",
+                    f"when the object is small or cut by the crop, a {name} may look like a {other}; compare "
+                    f"the outline, {outline} for a {name} against {other_outline} for a {other}."]
+        classes[name] = {
+            "descriptions": [frame.format(place) for frame in frames for place in places],
+            "distinctive": [f"the object is {colour}, a colour that no other class uses.",
+                            f"the object in the image is a {shape}.",
+                            f"the border of the object is {outline}.",
+                            f"inside its border the object shows {fill}.",
+                            f"only this class combines the colour {colour} with {fill}."],
+            "confusions": confusions,
+        }
+    return {"template": "a photo of a {}.", "ctx_init": "a photo of a", "classes": classes}
+
+
 # ---------------------------------------------------------------- transforms and loaders
 def build_transform(size: int, mean=None, std=None, train: bool = False, hflip: bool = False,
                     resize_first: bool = False):
@@ -1092,362 +1132,10 @@ def make_loader(dataset, batch_size: int, train: bool, seed: int, workers: int =
         pin_memory=torch.cuda.is_available())
 
 
-# ---------------------------------------------------------------- class text
-
-TEXT_FIELDS = ("descriptions", "distinctive", "confusions")
-# Sentences per class in the papers' class text, which prompts/*.json meets. Your own text may
-# have fewer (a warning says so): the methods then average and sample over less of it.
-REFERENCE_SENTENCES = {"descriptions": 20, "distinctive": 5, "confusions": 5}
-REFERENCE_CONFUSION_WORDS = 20
-# What each command reads of the class text. NEEDS: what every class must fill (one sentence is
-# enough; the template is always needed). ENCODES: the sentences it puts through the text tower.
-CLASS_TEXT_NEEDS = {"zeroshot": (), "biomedap": ("ctx_init", "descriptions"), "biomedvr": TEXT_FIELDS}
-CLASS_TEXT_ENCODES = {"zeroshot": ("template", "descriptions"), "biomedap": ("template", "descriptions"),
-                      "biomedvr": TEXT_FIELDS}
-COMMAND_NAMES = {"zeroshot": "the zero-shot baseline", "biomedap": "BiomedAP", "biomedvr": "BioMedVR"}
-BRACES = "write a literal brace twice, {{ or }}"
-
-
-def template_problem(template: str) -> str | None:
-    """Why the methods could not fill `template` with a class name, or None. They fill it with
-    `template.format(name)`, so it needs exactly one `{}` and every other brace doubled."""
-    try:
-        slots = [(name, conversion, spec) for _, name, spec, conversion in string.Formatter().parse(template)
-                 if name is not None]
-    except ValueError as error:
-        return f'"template" {template!r} is not a format string ({error}): {BRACES}'
-    if slots != [("", None, "")]:
-        found = ", ".join("{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
-                          for name, conv, spec in slots) or "none"
-        return (f'"template" {template!r} needs exactly one {{}} for the class name and no other {{...}}, '
-                f"found {found}: {BRACES}")
-    return None
-
-
-def template_prefix(template: str) -> str:
-    """The words of a valid template before its class slot, as they are after formatting."""
-    return template.format("\0").split("\0")[0]
-
-
-def validate_class_text(text, source: str, method: str | None = None, classnames=None) -> list[str]:
-    """Check class text (the schema of prompts/*.json) for what `method` reads of it (None: every
-    key, at least one sentence each); return the warnings, one line each.
-
-    All problems are gathered and raised as one UserError, a line per problem and a summary line.
-    Fewer sentences than the papers' text has (REFERENCE_SENTENCES) is a warning, not a problem.
-    Keys starting with "_" are comments. `classnames`: the classes the text must cover.
-    """
-    needs = CLASS_TEXT_NEEDS[method] if method else ("ctx_init",) + TEXT_FIELDS
-    reader = COMMAND_NAMES.get(method, "the methods")
-    if not isinstance(text, dict):
-        raise UserError(f'class text {source}: the top level must be an object with "template" and "classes"')
-    problems = []
-    unknown = [key for key in text if key not in ("template", "ctx_init", "classes") and not key.startswith("_")]
-    if unknown:
-        problems.append(f"unknown key(s) {', '.join(map(repr, unknown))} (template, ctx_init and classes are "
-                        "read; keys starting with _ are comments)")
-    template, prefix = text.get("template"), None
-    if not isinstance(template, str):
-        problems.append('"template" must be a string with {} for the class name, e.g. "a photo of a {}."')
-    elif (problem := template_problem(template)):
-        problems.append(problem)
-    else:
-        prefix = template_prefix(template)
-    ctx_init = text.get("ctx_init")
-    if ctx_init is None:
-        if "ctx_init" in needs and prefix is not None and not prefix.strip():
-            problems.append(f'"template" {template!r} has no words before {{}} and there is no "ctx_init": '
-                            f"{reader} learns its context from those words")
-    elif not isinstance(ctx_init, str) or not ctx_init.strip():
-        problems.append('"ctx_init" must be a non-empty string, the first words of the template '
-                        "(or leave it out: then it is the words before {})")
-    elif prefix is not None and not prefix.startswith(ctx_init):
-        problems.append(f'"template" {template!r} must start with "ctx_init" {ctx_init!r}')
-
-    classes = text.get("classes")
-    if not isinstance(classes, dict) or not classes:
-        problems.append('"classes" must be an object with an entry per class')
-        classes = {}
-    spelled = {}  # NFC name -> the key as written: names from folders are NFC, keys must match them
-    for name in classes:
-        first = spelled.setdefault(nfc(name), name)
-        if first != name:
-            problems.append(f'classes "{first}" and "{name}" are the same name in Unicode NFC: merge them')
-    for name, entry in classes.items():
-        if not isinstance(entry, dict):
-            problems.append(f'class "{name}" must be an object with {", ".join(TEXT_FIELDS)}')
-            continue
-        unknown = [key for key in entry if key not in TEXT_FIELDS and not key.startswith("_")]
-        if unknown:
-            problems.append(f'class "{name}": unknown key(s) {", ".join(map(repr, unknown))} '
-                            f"({', '.join(TEXT_FIELDS)} are read; keys starting with _ are comments)")
-        for field in TEXT_FIELDS:
-            sentences = entry.get(field, [])
-            if not isinstance(sentences, list) or not all(isinstance(s, str) and s.strip() for s in sentences):
-                problems.append(f'class "{name}": "{field}" must be a list of non-empty strings')
-            elif field in needs and not sentences:
-                problems.append(f'class "{name}": "{field}" is {"empty" if field in entry else "missing"}: '
-                                f"{reader} needs at least one sentence")
-    missing = [c for c in classnames or () if classes and nfc(c) not in spelled]
-    if missing:
-        problems.append(f"no text for the class(es) {', '.join(missing)}; its classes are "
-                        f"{', '.join(classes)} (names must match the dataset's class names)")
-    if problems:
-        lines = [f"class text {source}: {problem}" for problem in problems]
-        raise UserError("\n".join(lines + [f"class text {source}: {len(problems)} problem(s), listed above; "
-                                           "fix them all, then run again"]))
-
-    warnings = []
-    for field in (f for f in TEXT_FIELDS if f in needs):
-        few = [f"{name} ({len(entry.get(field, []))})" for name, entry in classes.items()
-               if len(entry.get(field, [])) < REFERENCE_SENTENCES[field]]
-        if few:
-            warnings.append(f'class text {source}: fewer "{field}" than the {REFERENCE_SENTENCES[field]} per '
-                            f"class of the papers' text, in {len(few)} class(es): {', '.join(few)}")
-    if "confusions" in needs:
-        short = {name: sum(len(s.split()) < REFERENCE_CONFUSION_WORDS for s in entry.get("confusions", []))
-                 for name, entry in classes.items()}
-        listed = [f"{name} ({n} of {len(classes[name]['confusions'])})" for name, n in short.items() if n]
-        if listed:
-            warnings.append(f'class text {source}: "confusions" shorter than the papers\' {REFERENCE_CONFUSION_WORDS} '
-                            f"words (name the look-alike and how to tell them apart) in: {', '.join(listed)}")
-    return warnings
-
-
-def synthetic_class_text() -> dict:
-    """Class text for the synthetic set, in the schema of prompts/*.json, built from its looks."""
-    places = ["near the centre of the image", "shifted towards one side of the image",
-              "small compared with the whole frame", "large and filling much of the frame"]
-    classes = {}
-    for name, (_, shape, outline, fill) in SYNTHETIC_LOOKS.items():
-        colour = name.split()[0]
-        frames = [f"a {colour} {shape} on a noisy grey background, {{}}.",
-                  f"an image with one {shape} in {colour}, {{}}.",
-                  f"a {shape} with {outline}, {{}}.",
-                  f"a {shape} showing {fill}, {{}}.",
-                  f"a bright {colour} object shaped like a {shape}, {{}}."]
-        confusions = []
-        for other, (_, _, other_outline, other_fill) in SYNTHETIC_LOOKS.items():
-            if other != name:
-                confusions += [
-                    f"a {name} can be confused with a {other} when heavy noise hides the details, but a "
-                    f"{name} is {colour} with {fill}, while a {other} is {other.split()[0]} with {other_fill}.",
-                    f"when the object is small or cut by the crop, a {name} may look like a {other}; compare "
-                    f"the outline, {outline} for a {name} against {other_outline} for a {other}."]
-        classes[name] = {
-            "descriptions": [frame.format(place) for frame in frames for place in places],
-            "distinctive": [f"the object is {colour}, a colour that no other class uses.",
-                            f"the object in the image is a {shape}.",
-                            f"the border of the object is {outline}.",
-                            f"inside its border the object shows {fill}.",
-                            f"only this class combines the colour {colour} with {fill}."],
-            "confusions": confusions,
-        }
-    return {"template": "a photo of a {}.", "ctx_init": "a photo of a", "classes": classes}
-
-
-# Prompt perturbations for BiomedAP's robustness evaluation (the protocol: biomedap.py's docstring).
-PERTURBATIONS = ("clinical", "generic", "article", "minimal", "typo", "descriptive")
-
-
-def typo_template(template, ctx_init, rate=0.2):
-    """Substitute ~rate of the non-space characters of the fixed part (after ctx_init, class slot kept)."""
-    head, tail = template[:len(ctx_init)], template[len(ctx_init):]
-    slot = tail.index("{}")
-    eligible = [i for i, ch in enumerate(tail)
-                if not ch.isspace() and ch not in "{}" and not slot <= i < slot + 2]  # braces stay escaped
-    rng, chars = random.Random(f"typo:{template}"), list(tail)
-    for i in rng.sample(eligible, max(1, round(rate * len(eligible))) if eligible else 0):
-        chars[i] = rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c != chars[i].lower()])
-    return head + "".join(chars)
-
-
-def perturbed_sentences(text, classnames):
-    """{perturbation: one sentence per class}, in the order of PERTURBATIONS."""
-    t, names = text["template"], list(classnames)
-    typo = typo_template(t, text["ctx_init"])
-    return {"clinical": [t.format(c) for c in names], "generic": [f"a photo of a {c}." for c in names],
-            "article": [f"a {c}." for c in names], "minimal": list(names),
-            "typo": [typo.format(c) for c in names],
-            "descriptive": [f"{t.format(c)} {text['classes'][c]['descriptions'][0]}" for c in names]}
-
-
-def load_class_text(dataset: str, classnames: list[str], root: str = "data", method: str | None = None) -> dict:
-    """The class text of a dataset, checked for what `method` reads of it (a key of
-    CLASS_TEXT_NEEDS; None: everything), restricted to `classnames` in that order.
-
-    Benchmarks read prompts/<name>.json (a natural benchmark's keys are its class names with
-    spaces for underscores, as the loader gives them), your own folder its prompts.json, synthetic
-    its built-in text. Warnings go to stderr; class keys are matched in Unicode NFC; a class without some
-    sentences gets an empty list; a missing ctx_init is the template's words before its `{}`.
-    `root` is accepted so callers can pass the arguments they gave load_splits.
-    """
-    if dataset.lower() == "synthetic":
-        text, source = synthetic_class_text(), "built-in synthetic text"
-    else:
-        if dataset.lower() in BENCHMARKS:
-            path = PROMPTS_DIR / f"{dataset.lower()}.json"
-        else:
-            path = Path(dataset) / "prompts.json"
-        if not path.is_file():
-            start = "" if dataset.lower() in BENCHMARKS else f" (python data.py prompts {dataset} writes a starter)"
-            raise UserError(f"this method needs class text but {path} does not exist: write it in the "
-                            f"schema of prompts/*.json{start}")
-        try:
-            text = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise UserError(f"cannot read class text {path}: {error}") from None
-        source = str(path)
-    for warning in validate_class_text(text, source, method, classnames):
-        print(f"warning: {warning}", file=sys.stderr)
-    classes = {nfc(name): entry for name, entry in text["classes"].items()}
-    ctx_init = text.get("ctx_init", template_prefix(text["template"]).strip())
-    return {"template": text["template"], "ctx_init": ctx_init,
-            "classes": {name: {field: list(classes[nfc(name)].get(field, []))
-                               for field in TEXT_FIELDS} for name in classnames}}
-
-
-def _short(name: str) -> str:
-    """A class name for a message: its two ends when it is long (the cut ones differ at the end)."""
-    return name if len(name) <= 60 else f"{name[:28]}...{name[-28:]}"
-
-
-def check_text_fits(backbone, class_text, classnames, fields) -> None:
-    """Tokenise every sentence a method encodes (`fields`: "template" for the template with each
-    class name, and lists of TEXT_FIELDS) as the text tower will, before any training.
-
-    Text longer than the tower's context length is cut by its tokenizer: one warning names the
-    classes and lengths. Classes that the cut (or the tokenizer's lower-casing) makes the same
-    cannot be told apart: an error when their template prompts are the same ids, or their
-    sentences in every field of `fields` the same set; a warning when one field of several is.
-    `backbone`: anything with an open_clip `tokenizer` and the `pad_id` of its ids.
-    """
-    tokenizer, limit = backbone.tokenizer, backbone.tokenizer.context_length
-    groups = {(name, field): [class_text["template"].format(name)] if field == "template"
-              else list(class_text["classes"][name][field]) for name in classnames for field in fields}
-    flat = [s for sentences in groups.values() for s in sentences]
-    if not flat:
-        return
-    # No tokenizer makes more tokens than the text has bytes (after its clean-up), so the untruncated
-    # ids fit in twice that; a sentence is cut when they are longer than the tower's context.
-    full = tokenizer(flat, context_length=max(limit + 1, 2 * max(len(s.encode()) for s in flat) + 2))
-    ids = tokenizer(flat, context_length=limit)  # (n, limit): what the tower reads
-    lengths = ((full != backbone.pad_id).long() * torch.arange(1, full.shape[1] + 1)).amax(1).tolist()
-    keys, cuts, start = {}, {}, 0  # keys: (class, field) -> its ids as a tuple, or a set of tuples
-    for (name, field), sentences in groups.items():
-        rows = [tuple(row) for row in ids[start:start + len(sentences)].tolist()]
-        keys[name, field] = rows[0] if field == "template" else frozenset(rows)
-        for i in range(start, start + len(sentences)):
-            if lengths[i] > limit:
-                cuts.setdefault(name, {}).setdefault(field, []).append(lengths[i])
-        start += len(sentences)
-    if cuts:
-        listed = []
-        for name, by_field in cuts.items():
-            counts = ", ".join(field if field == "template" else f"{field} {len(n)}x" for field, n in by_field.items())
-            listed.append(f"{_short(name)} ({counts}, up to {max(max(n) for n in by_field.values())} tokens)")
-        print(f"warning: class text longer than the text tower's {limit} tokens is cut (the rest is not read) "
-              f"in {len(listed)} class(es): {', '.join(listed[:10])}{', ...' if len(listed) > 10 else ''}",
-              file=sys.stderr)
-
-    def same(field_set):
-        """Groups of two or more classes whose keys agree in every field of `field_set`."""
-        by_key = {}
-        for name in classnames:
-            if all(keys[name, f] for f in field_set):  # a class without sentences is no match
-                by_key.setdefault(tuple(keys[name, f] for f in field_set), []).append(name)
-        return [names for names in by_key.values() if len(names) > 1]
-
-    lists = [f for f in fields if f != "template"]
-    problems = [f"classes {', '.join(map(_short, names))} have the same template prompt after tokenisation "
-                f"({limit} tokens at most): the model cannot tell them apart; shorten or rename them"
-                for names in (same(["template"]) if "template" in fields else [])]
-    problems += [f"classes {', '.join(map(_short, names))} have the same {' and '.join(lists)} after tokenisation "
-                 f"({limit} tokens at most): the model cannot tell them apart; write each its own"
-                 for names in (same(lists) if lists else [])]
-    if problems:
-        raise UserError("\n".join(problems + [f"{len(problems)} problem(s) in the class text, listed above"]))
-    for field in lists if len(lists) > 1 else []:  # one set of several shared: the others still differ
-        for names in same([field]):
-            print(f"warning: classes {', '.join(map(_short, names))} have the same {field} after tokenisation: those "
-                  "do not tell them apart", file=sys.stderr)
-
-
-# ---------------------------------------------------------------- a starter prompts.json
-
-def folder_classnames(folder) -> list[str]:
-    """The class names of your own folder in label order, in Unicode NFC: those of its split.json,
-    else its class sub-folders' (underscores become spaces), as load_splits gives them."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder: give your dataset folder, with one sub-folder per class")
-    if (folder / "split.json").is_file():
-        return _classnames(sum(read_split_file(folder / "split.json", image_dir=folder).values(), []))
-    return list(class_folders(folder))
-
-
-def starter_class_text(classnames, template: str = "a photo of a {}.") -> dict:
-    """Class text with the template, an empty list per field and class, and a comment saying what
-    each command reads: it loads for the zero-shot baseline as it is."""
-    if (problem := template_problem(template)):
-        raise UserError(problem)
-    ref = REFERENCE_SENTENCES
-    comment = [
-        "Class text of this folder. Keys starting with _ are comments; the loader does not read them.",
-        "template: the prompt, {} is where the class name goes (a literal brace is written {{ or }}). "
-        "The zero-shot baseline needs only this.",
-        "ctx_init (optional): the first words of the template, which BiomedAP learns as its context; "
-        "left out, they are the words before {}.",
-        "descriptions: sentences on how the class looks in these images. BiomedAP and BioMedVR need at "
-        f"least one per class (the papers' text has {ref['descriptions']}); zero-shot also scores them "
-        "when every class has some.",
-        "distinctive: what sets the class apart from the others. BioMedVR needs at least one per class "
-        f"(the papers' text has {ref['distinctive']}).",
-        "confusions: what the class is mistaken for and how to tell them apart, each "
-        f"{REFERENCE_CONFUSION_WORDS} words or more. BioMedVR needs at least one per class "
-        f"(the papers' text has {ref['confusions']}).",
-        "BioMedVR leaves out sentences shorter than 20 characters (its --min-chars).",
-    ]
-    return {"_comment": comment, "template": template,
-            "classes": {name: {field: [] for field in TEXT_FIELDS} for name in classnames}}
-
-
-def write_prompts_starter(folder, template: str = "a photo of a {}.") -> Path:
-    """Write FOLDER/prompts.json for every class of the folder; never over an existing file."""
-    text = starter_class_text(folder_classnames(folder), template)
-    path = Path(folder) / "prompts.json"
-    try:
-        with open(path, "x", encoding="utf-8") as file:  # "x": fails if the file exists, even in a race
-            file.write(json.dumps(text, indent=2, ensure_ascii=False) + "\n")
-    except FileExistsError:
-        raise UserError(f"{path} already exists: edit it, or move it away to write a new starter") from None
-    except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
-    return path
-
-
-def cli(argv=None):
-    """python data.py prompts FOLDER [--template T]"""
-    parser = OneLineParser(prog="python data.py", description="Helpers for your own dataset folder.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    prompts = commands.add_parser(
-        "prompts", help="write a starter prompts.json for a folder",
-        description="Write FOLDER/prompts.json: the template and, for every class of the folder, empty "
-                    "lists of descriptions, distinctive and confusions, with a comment on what each "
-                    "command needs. Zero-shot runs on it at once; fill in at least one sentence per list "
-                    "for BiomedAP and BioMedVR. An existing prompts.json is never overwritten.")
-    prompts.add_argument("folder", help="your dataset folder, with one sub-folder per class")
-    prompts.add_argument("--template", default="a photo of a {}.",
-                         help="the prompt, {} for the class name, e.g. 'a MR photo of a {} in the brain.'")
-    args = parser.parse_args(argv)
-    try:
-        path = write_prompts_starter(args.folder, args.template)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote {path}: the zero-shot baseline runs on it now; for BiomedAP write at least one sentence "
-          "of descriptions per class, for BioMedVR one of each list")
-
-
-if __name__ == "__main__":
-    cli()
+if __name__ == "__main__":  # the command that lived here before the class text got its own file
+    if sys.argv[1:2] != ["prompts"]:
+        sys.exit("data.py is a library: python classtext.py starter FOLDER writes a starter prompts.json")
+    print("note: `python data.py prompts` moved to `python classtext.py starter`; it goes in the next release",
+          file=sys.stderr)
+    os.execv(sys.executable, [sys.executable, str(Path(__file__).with_name("classtext.py")), "starter",
+                              *sys.argv[2:]])

@@ -16,7 +16,7 @@
 # separated by commas or newlines when it has any ("btmri,/data/my scans"), else by spaces
 # ("btmri busi"). FLAGS after "--" go to every job (e.g. -- --variant official
 # --root /data) and mean the same to the sweep: --out (or --out=) is where it looks for finished
-# runs and writes the summary, --backbone, --variant and --cs-anchor pick the run folders.
+# runs and writes the summary, --backbone, --variant, --cs-anchor and --class-text pick the run folders.
 # `tables` is exactly the runs of the published tables: BiomedAP's few-shot table (K=1..16)
 # and base-to-novel table, BioMedVR's 16-shot table (Table 1), and with biomedvr-natural its
 # Table 3: the natural-image benchmarks, 16 shots, on CLIP ViT-B/16 (--backbone clip).
@@ -81,13 +81,17 @@ backbone_dir() {  # "" for BiomedCLIP, else the backbone's folder (runner.backbo
   [[ $b == biomedclip || $b == hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 ]] || echo "${b//[^A-Za-z0-9._-]/_}/"
 }
 
-method_dir() {  # where a method's runs go: [<backbone>/]biomedap[-official] or [<backbone>/]biomedvr[-fused]
+method_dir() {  # where a method's runs go: [<backbone>/][text-<hash>/]biomedap[-official] or ...biomedvr[-fused]
   local m=$1
   [[ $m == biomedap && $(flag_value --variant paper) == official ]] && m=biomedap-official
   [[ $m == biomedvr && $(flag_value --cs-anchor positive) == fused ]] && m=biomedvr-fused
-  echo "$(backbone_dir)$m"
+  echo "$(backbone_dir)$TEXT_DIR$m"
 }
 
+CLASS_TEXT=$(flag_value --class-text "")  # runs on other class text: text-<8 hex digits of its SHA-256>/
+if [[ -n $CLASS_TEXT && ! -f $CLASS_TEXT ]]; then echo "error: --class-text $CLASS_TEXT is not a file" >&2; exit 2; fi
+TEXT_DIR=""
+[[ -z $CLASS_TEXT ]] || TEXT_DIR="text-$($PYTHON -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest()[:8])' "$CLASS_TEXT")/"
 OUT=$(flag_value --out "$OUT")  # the jobs' own --out: where the sweep looks for their runs
 OUT_FLAG=(--out "$OUT")          # given to each job, unless the FLAGS after "--" already say it
 [[ " ${EXTRA[*]-} " == *" --out "* || " ${EXTRA[*]-} " == *" --out="* ]] && OUT_FLAG=()
@@ -201,7 +205,7 @@ case "$CMD" in
     pick_datasets "${POS[1]:-}"
     for d in "${DS[@]}"; do
       use_dataset "$d"
-      [[ -f $OUT/$(backbone_dir)zeroshot/$(dataset_key "$d")/seed1/metrics.json ]] && continue
+      [[ -f $OUT/$(backbone_dir)${TEXT_DIR}zeroshot/$(dataset_key "$d")/seed1/metrics.json ]] && continue
       JOBS+=("$(quoted "$PYTHON" zeroshot.py --dataset "$d" "${OUT_FLAG[@]+"${OUT_FLAG[@]}"}" "${EXTRA[@]+"${EXTRA[@]}"}")")
     done
     run_jobs ;;

@@ -7,14 +7,16 @@ experiment and run flags every script shares, sets up the data, class text, back
 through the method's functions (`setup`), trains with a checkpoint after each epoch (`train`),
 and handles --resume, metrics.json and confusion.png, --eval-only, --predict, the --benchmark
 timing, the --check-setup preflight of a sweep, and Ctrl-C. It knows no method's own flags by
-name. Imports run one way: runner -> data -> common; method files import only common.
+name. Imports run one way: runner -> classtext -> data -> common; method files import only
+common.
 
 Sections, in order: arguments (`RunArgs`, `ExperimentArgs`, `cli_args`, `parse_args`,
 `validate_args`); run folders (`run_dir`, `RunFolder`, `start_run`, `check_resume`);
 checkpoints and --resume; what a run prints; --eval-only; files (atomic writes,
 `write_metrics`, confusion.png); a method's run (`setup`, `train`, `eval_only`, `load_run`,
 `benchmark`, `run_method`); the command line (`run_cli`, the hub check); the benchmark
-harness; prediction (`Predictor`, `predict_cli`); the setup check.
+harness; prediction (`Predictor`, `predict_cli`); a run's class text (`class_text`) and the
+setup check.
 """
 import argparse
 import csv
@@ -44,6 +46,7 @@ import numpy as np
 import torch
 from filelock import FileLock, Timeout
 
+import classtext
 import common
 import data
 from common import BIOMEDCLIP, OneLineParser, UserError, arg, autocast, list_arg, resolve_device
@@ -100,6 +103,8 @@ class RunArgs:
     benchmark: bool = arg(False, "time a training step and evaluation against the bare towers; print JSON",
                           resume_may_differ=True)
     out: str = arg("runs", "folder of run folders", metavar="DIR", resume_may_differ=True)
+    class_text: str = arg("", "run on this class-text file instead of the dataset's own (python classtext.py "
+                              "write or import makes one); its runs go to a folder of their own", metavar="FILE")
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -227,13 +232,14 @@ def backbone_folder(backbone: str) -> str:
 
 
 def run_dir(out: str, method: str, dataset: str, shots: int, seed: int, subsample: str = "all",
-            backbone: str = DEFAULT_BACKBONE) -> Path:
-    """runs/[<backbone>/]<method>/<dataset>/<K>shot[_base2novel]/seed<S>/: everything that changes
-    the numbers and is not a hyper-parameter is in the path, so a sweep never mistakes one run for
-    another (`method` carries a variant, e.g. biomedap-official)."""
+            backbone: str = DEFAULT_BACKBONE, class_text: str = "") -> Path:
+    """runs/[<backbone>/][text-<hash>/]<method>/<dataset>/<K>shot[_base2novel]/seed<S>/: everything
+    that changes the numbers and is not a hyper-parameter is in the path, so a sweep never mistakes
+    one run for another (`method` carries a variant, e.g. biomedap-official; text-<hash> keys a
+    --class-text FILE by its content, classtext.class_text_folder)."""
     suffix = "_base2novel" if subsample == "base" else ""
-    return (Path(out) / backbone_folder(backbone) / method / data.dataset_key(dataset) / f"{shots}shot{suffix}"
-            / f"seed{seed}")
+    return (Path(out) / backbone_folder(backbone) / classtext.class_text_folder(class_text) / method
+            / data.dataset_key(dataset) / f"{shots}shot{suffix}" / f"seed{seed}")
 
 
 def _lock_folder(path: Path) -> FileLock:
@@ -335,9 +341,10 @@ def check_resume(saved_args: dict, args) -> None:
 def start_run(args, folder_of):
     """What a training run checks before anything is loaded: the shared arguments, the device and
     precision, the run folder `folder_of(args)` (never clobbered), and with --resume the checkpoint
-    and its settings. A folder dataset is recorded by its absolute path. Returns (args, device,
-    RunFolder, checkpoint or None)."""
-    args = dataclasses.replace(args, dataset=data.dataset_arg(args.dataset))
+    and its settings. A folder dataset and a --class-text file are recorded by their absolute paths.
+    Returns (args, device, RunFolder, checkpoint or None)."""
+    args = dataclasses.replace(args, dataset=data.dataset_arg(args.dataset),
+                               class_text=str(Path(args.class_text).resolve()) if args.class_text else "")
     folder = folder_of(args)
     validate_args(args)
     if getattr(args, "predictions", ""):
@@ -441,6 +448,10 @@ def eval_only_args(cli, args_cls):
     """(checkpoint, arguments to evaluate with, the evaluation options this command line changed)."""
     validate_args(cli)
     ckpt, args = load_finished_run(cli.eval_only, args_cls)
+    keyed = [part for part in Path(cli.eval_only).resolve().parts if part.startswith("text-")]
+    if args.class_text and keyed and classtext.class_text_folder(args.class_text) != keyed[-1]:
+        raise UserError(f"the class text {args.class_text} has changed since {cli.eval_only} was trained (its folder "
+                        f"is {keyed[-1]}): put the run's text back, or train a run on the new text")
     defaults = args_cls()
     given = {f.name: getattr(cli, f.name) for f in dataclasses.fields(cli)
              if f.metadata.get("eval_option") and getattr(cli, f.name) != getattr(defaults, f.name)}
@@ -533,6 +544,10 @@ def write_metrics(folder: Path, args, metrics: dict, timings: dict, extra: dict 
     record = {"args": dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args),
               "metrics": metrics, "timings": timings, "versions": library_versions(),
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()}
+    if record["args"].get("class_text"):  # read instead of the dataset's own text (the content: in the checkpoint)
+        path = Path(record["args"]["class_text"])
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        record["class_text_file"] = {"path": str(path.resolve()), "sha256": digest}
     record.update(extra or {})
     atomic_write_json(Path(folder) / "metrics.json", record)
     plot_confusion(metrics, Path(folder) / "confusion.png", classnames)
@@ -636,8 +651,7 @@ def setup(method, args, device, training: bool = True) -> Setup:
     evals = {"test": train} if args.subsample == "all" else {"base": train,
                                                              "novel": data.subsample_classes(full, "novel")}
     everyone = [name for split in evals.values() for name in split.classnames]  # base and novel alike
-    text = data.load_class_text(args.dataset, everyone, args.root, method=method.NAME)
-    data.check_text_fits(backbone, text, everyone, data.CLASS_TEXT_ENCODES[method.NAME])
+    text = class_text(args, backbone, everyone, method.NAME)
     cfg = method.configure(args, backbone, text)
     support = None
     if training:
@@ -649,9 +663,9 @@ def setup(method, args, device, training: bool = True) -> Setup:
 
 
 def run_folder(method, args) -> Path:
-    """runs/[<backbone>/]<method run name>/<dataset>/<K>shot[_base2novel]/seed<S>/"""
+    """runs/[<backbone>/][text-<hash>/]<method run name>/<dataset>/<K>shot[_base2novel]/seed<S>/"""
     return run_dir(args.out, method.run_name(args), args.dataset, args.shots, args.seed, args.subsample,
-                   args.backbone)
+                   args.backbone, args.class_text)
 
 
 def classnames_of(evals) -> dict:
@@ -725,7 +739,7 @@ def evaluate_setup(method, s: Setup, args, device) -> dict:
     when the method has that flag and it is on."""
     loaders = {name: make_loaders(method, split.test, s.transforms[1], s.cfg, args, train=False)
                for name, split in s.evals.items()}
-    perturbed = data.perturbed_sentences(s.text, s.train.classnames) if getattr(args, "robustness", False) else None
+    perturbed = classtext.perturbed_sentences(s.text, s.train.classnames) if getattr(args, "robustness", False) else None
     return method.evaluate_run(s.model, s.backbone, s.evals, loaders, s.text, s.cfg, args, device, perturbed)
 
 
@@ -1009,7 +1023,16 @@ def predict_cli(args, load_run, batch_size: int = 32):
     return rows
 
 
-# --------------------------------------------------------------------------- setup check
+# --------------------------------------------------------------------------- class text and the setup check
+def class_text(args, backbone, classnames, method: str) -> dict:
+    """The class text a run of `method` reads (--class-text FILE, else its dataset's own), checked
+    for what the method reads of it and tokenised as `backbone`'s text tower will (classtext.py)."""
+    text = classtext.load_class_text(args.dataset, classnames, args.root, method,
+                                     path=getattr(args, "class_text", "") or None)
+    classtext.check_text_fits(backbone, text, classnames, classtext.CLASS_TEXT_ENCODES[method])
+    return text
+
+
 def check_setup(args) -> None:
     """`--check-setup DATASET...`: what a sweep needs, checked once before its first job: these
     flags are valid, the backbone loads, and every dataset is there (downloaded once with
@@ -1017,9 +1040,8 @@ def check_setup(args) -> None:
     the class text this command uses)."""
     validate_args(args)
     backbone = common.load_backbone(args.backbone, "cpu")
-    method = script_of(type(args))[:-3]  # the class text each command reads: data.CLASS_TEXT_ENCODES
+    method = script_of(type(args))[:-3]  # the class text each command reads: classtext.CLASS_TEXT_ENCODES
     for name in args.check_setup:
         splits = data.load_splits(name, args.root, args.download)
-        text = data.load_class_text(name, splits.classnames, args.root, method=method)
-        data.check_text_fits(backbone, text, splits.classnames, data.CLASS_TEXT_ENCODES[method])
+        class_text(dataclasses.replace(args, dataset=name), backbone, splits.classnames, method)
     print(f"setup ok: backbone {args.backbone}, datasets {' '.join(args.check_setup)}", file=sys.stderr)

@@ -14,8 +14,9 @@ names) and on the novel classes, with their harmonic mean, as the published base
     python zeroshot.py --dataset btmri
     python zeroshot.py --dataset btmri --subsample base
 
-Writes OUT/[<backbone>/]zeroshot/<dataset>/seed1/ (base-to-novel: .../0shot_base2novel/seed1/):
-metrics.json and confusion.png (one panel per scoring). One seed: nothing here is random.
+Writes OUT/[<backbone>/][text-<hash>/]zeroshot/<dataset>/seed1/ (base-to-novel: .../0shot_base2novel/seed1/;
+text-<hash> with --class-text FILE): metrics.json and confusion.png (one panel per scoring). One seed:
+nothing here is random.
 """
 import sys
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import classtext
 import common
 import data
 import runner
@@ -51,6 +53,8 @@ class Args:
                        at_least=0)
     check_setup: list = list_arg(str, "check a sweep's setup (these flags, the backbone, each dataset and its "
                                       "class text) and exit", metavar="DATASET")
+    class_text: str = arg("", "score this class-text file instead of the dataset's own (python classtext.py write "
+                              "or import makes one); its results go to a folder of their own", metavar="FILE")
 
 
 @torch.no_grad()
@@ -84,8 +88,8 @@ def score(backbone, split, text, args):
 
 def folder_of(args) -> Path:
     protocol = "0shot_base2novel" if args.subsample == "base" else ""
-    return (Path(args.out) / runner.backbone_folder(args.backbone) / "zeroshot" / data.dataset_key(args.dataset)
-            / protocol / "seed1")
+    return (Path(args.out) / runner.backbone_folder(args.backbone) / classtext.class_text_folder(args.class_text)
+            / "zeroshot" / data.dataset_key(args.dataset) / protocol / "seed1")
 
 
 def main(args: Args) -> dict:
@@ -98,8 +102,7 @@ def main(args: Args) -> dict:
     start = time.perf_counter()
     backbone = common.load_backbone(args.backbone, device)
     splits = data.load_splits(args.dataset, args.root, args.download, image_size=backbone.image_size)
-    text = data.load_class_text(args.dataset, splits.classnames, args.root, method="zeroshot")
-    data.check_text_fits(backbone, text, splits.classnames, data.CLASS_TEXT_ENCODES["zeroshot"])
+    text = runner.class_text(args, backbone, splits.classnames, "zeroshot")
     if args.subsample == "all":
         blocks = {"": splits}
     else:

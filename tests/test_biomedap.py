@@ -10,13 +10,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 import biomedap
+import classtext
 import common
 import data
 import runner
 from biomedap import (BiomedAP, GatedFusion, alignment_loss, anchor_kl, anchor_l1, confidence_weight,
                       default_fusion_layers, high_anchor, train_step)
+from classtext import load_class_text
 from common import UserError
-from data import CLASSNAMES, load_class_text, synthetic_class_text
+from data import CLASSNAMES, synthetic_class_text
 
 BACKBONES = ["tiny", "tiny-clip"]
 VARIANTS = ["paper", "official"]
@@ -247,7 +249,7 @@ def test_perturbed_prompts_keep_the_context_and_the_class(backbones, name):
     names = list(text["classes"])
     model = make_model(bb, "paper", text, names, 5, anchors=False)
     pl = model.prompt_learner
-    sentences = data.perturbed_sentences(text, names)
+    sentences = classtext.perturbed_sentences(text, names)
     ids, embeds = pl.fixed_part(sentences["clinical"])       # clean: exactly the trained prompt
     assert torch.equal(ids, pl.ids) and torch.allclose(model.text_features(embeds, ids), model.text_features())
     ids, _ = pl.fixed_part(sentences["minimal"])             # [start] ctx <class name> [end]
@@ -261,8 +263,8 @@ def test_perturbed_prompts_keep_the_context_and_the_class(backbones, name):
 
 def test_typo_is_deterministic_and_perturbs_about_a_fifth():
     template, ctx = "a MR photo of a {} in the brain.", "a MR photo of a"
-    typo = data.typo_template(template, ctx)
-    assert typo == data.typo_template(template, ctx) and typo.startswith(ctx) and "{}" in typo
+    typo = classtext.typo_template(template, ctx)
+    assert typo == classtext.typo_template(template, ctx) and typo.startswith(ctx) and "{}" in typo
     changed = sum(a != b for a, b in zip(template, typo))
     assert len(typo) == len(template) and changed == round(0.2 * len("inthebrain."))
 
@@ -313,7 +315,7 @@ def test_cli_writes_metrics_refuses_overwrite_and_evaluates_again(run):
     again = runner.run(biomedap, Args(eval_only=str(folder), workers=0, device="cpu", robustness=True))
     assert again["test"] == metrics["test"]
     robust = json.loads((folder / "metrics.json").read_text())["metrics"]["robustness"]
-    assert list(robust["accuracy"]) == list(data.PERTURBATIONS)
+    assert list(robust["accuracy"]) == list(classtext.PERTURBATIONS)
     assert robust["accuracy"]["clinical"] == metrics["test"]["accuracy"]
     assert np.isfinite(robust["mean_drop"])
 
@@ -324,7 +326,7 @@ def test_base_to_novel_and_robustness(run):
     assert len(metrics["base"]["confusion_matrix"]) == len(metrics["novel"]["confusion_matrix"]) == 2
     assert metrics["harmonic_mean"] == pytest.approx(
         common.harmonic_mean(metrics["base"]["accuracy"], metrics["novel"]["accuracy"]))
-    assert set(metrics["robustness"]["accuracy"]) == set(data.PERTURBATIONS)
+    assert set(metrics["robustness"]["accuracy"]) == set(classtext.PERTURBATIONS)
 
 
 def test_official_dataset_layout_runs_end_to_end(run, tmp_path):

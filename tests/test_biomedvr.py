@@ -14,6 +14,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 import biomedvr as bv
+import classtext
 import common
 import runner
 import data
@@ -32,7 +33,7 @@ def tiny_model(backbones, name, seed=1, classnames=None):
     bb = backbones(name)
     classnames = classnames or list(data.SYNTHETIC_LOOKS)
     args = runner.cli_args(bv)(**{**FAST, "backbone": name, "seed": seed})
-    text = data.load_class_text("synthetic", classnames)
+    text = classtext.load_class_text("synthetic", classnames)
     return bb, args, bv.build(bb, classnames, text, bv.configure(args, bb, text), args)
 
 
@@ -99,7 +100,7 @@ def test_attribute_banks_are_frozen_buffers_reproducible_from_the_seed(backbones
     _, _, again = tiny_model(backbones, name)
     assert all(torch.equal(getattr(model, f), getattr(again, f)) for f in bv.ATTRIBUTE_SETS)
     # the bank holds the features of the sentences drawn by the seeded rule, class by class
-    text = data.load_class_text("synthetic", list(data.SYNTHETIC_LOOKS))
+    text = classtext.load_class_text("synthetic", list(data.SYNTHETIC_LOOKS))
     rng = random.Random(args.seed)
     drawn = [bv.sample_attributes(text["classes"][c]["descriptions"], args.num_attr, rng)
              for c in data.SYNTHETIC_LOOKS]

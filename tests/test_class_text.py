@@ -1,5 +1,5 @@
 """Class text of your own data: each command asks only for what it reads, every problem of a
-prompts.json in one error, the starter `python data.py prompts FOLDER`, templates checked the way
+prompts.json in one error, the starter `python classtext.py starter FOLDER`, templates checked the way
 they are filled, class keys in NFC, and sentences checked against the text tower's context length."""
 import json
 import os
@@ -15,6 +15,7 @@ from PIL import Image
 
 import biomedap
 import biomedvr
+import classtext
 import common
 import data
 import runner
@@ -29,7 +30,7 @@ ONE_EACH = {"descriptions": ["a round bright spot near the middle of the image"]
 def text_of(classes, template="a photo of a {}.", **fields):
     """Class text with `template` and, for every class, the given lists (else empty ones)."""
     return {"template": template,
-            "classes": {c: {f: list(fields.get(f, [])) for f in data.TEXT_FIELDS} for c in classes}}
+            "classes": {c: {f: list(fields.get(f, [])) for f in classtext.TEXT_FIELDS} for c in classes}}
 
 
 def own_folder(folder, classes=("bright_spot", "dark_spot"), images=5):
@@ -50,21 +51,21 @@ def write_text(folder, text):
 # ------------------------------------------------------------------ A: what each command needs
 def test_each_command_asks_only_for_what_it_reads(tmp_path, capsys):
     write_text(tmp_path, text_of(["a", "b"]))
-    loaded = data.load_class_text(str(tmp_path), ["a", "b"], method="zeroshot")
+    loaded = classtext.load_class_text(str(tmp_path), ["a", "b"], method="zeroshot")
     assert loaded["classes"]["a"] == {"descriptions": [], "distinctive": [], "confusions": []}
     assert loaded["ctx_init"] == "a photo of a"  # left out: the template's words before {}
     assert capsys.readouterr().err == ""
     with pytest.raises(UserError) as error:
-        data.load_class_text(str(tmp_path), ["a", "b"], method="biomedap")
+        classtext.load_class_text(str(tmp_path), ["a", "b"], method="biomedap")
     lines = str(error.value).splitlines()
     assert len(lines) == 3 and all('"descriptions" is empty: BiomedAP needs at least one' in line for line in lines[:2])
     with pytest.raises(UserError) as error:
-        data.load_class_text(str(tmp_path), ["a", "b"], method="biomedvr")
+        classtext.load_class_text(str(tmp_path), ["a", "b"], method="biomedvr")
     assert len(str(error.value).splitlines()) == 2 * 3 + 1 and "BioMedVR" in str(error.value)
 
     write_text(tmp_path, text_of(["a", "b"], **ONE_EACH))
     for method in ("biomedap", "biomedvr"):
-        assert data.load_class_text(str(tmp_path), ["b"], method=method)["classes"]["b"] == ONE_EACH
+        assert classtext.load_class_text(str(tmp_path), ["b"], method=method)["classes"]["b"] == ONE_EACH
     err = capsys.readouterr().err.splitlines()
     # below the papers' counts: warnings naming the classes and counts, only for what is read
     assert [line for line in err if '"descriptions"' in line][0].endswith("in 2 class(es): a (1), b (1)")
@@ -81,7 +82,7 @@ def test_every_problem_of_a_file_is_reported_at_once(tmp_path):
     text["templates"] = "misspelt too"
     write_text(tmp_path, text)
     with pytest.raises(UserError) as error:  # the commands print it as `error: {message}`
-        data.load_class_text(str(tmp_path), ["a", "b", "c"], method="zeroshot")
+        classtext.load_class_text(str(tmp_path), ["a", "b", "c"], method="zeroshot")
     lines = str(error.value).splitlines()
     assert len(lines) == 6 and all(line.startswith(f"class text {tmp_path / 'prompts.json'}: ") for line in lines)
     for problem in ("'templates'", "{T1}", '"distinctive" must be a list', "'description'", "no text for the "
@@ -94,7 +95,7 @@ def test_every_problem_of_a_file_is_reported_at_once(tmp_path):
 def test_starter_writes_every_class_loads_for_zero_shot_and_never_overwrites(tmp_path, capsys):
     folder = own_folder(tmp_path / "mine", ["glioma_tumor", unicodedata.normalize("NFD", "café_au_lait")], 2)
     (folder / ".hidden").mkdir()
-    data.cli(["prompts", str(folder)])
+    assert classtext.cli(["starter", str(folder)]) == 0
     path = folder / "prompts.json"
     assert "zero-shot baseline runs on it now" in capsys.readouterr().out
     text = json.loads(path.read_text(encoding="utf-8"))
@@ -102,32 +103,30 @@ def test_starter_writes_every_class_loads_for_zero_shot_and_never_overwrites(tmp
     assert all(unicodedata.is_normalized("NFC", name) for name in text["classes"])
     assert text["template"] == "a photo of a {}." and all("_" in key for key in set(text) - {"template", "classes"})
     names = data.load_splits(str(folder)).classnames  # matched in NFC whatever form the folder names have
-    assert data.load_class_text(str(folder), names, method="zeroshot")["classes"]["glioma tumor"]["confusions"] == []
+    assert classtext.load_class_text(str(folder), names, method="zeroshot")["classes"]["glioma tumor"]["confusions"] == []
     with pytest.raises(UserError, match="BiomedAP needs at least one"):
-        data.load_class_text(str(folder), names, method="biomedap")
+        classtext.load_class_text(str(folder), names, method="biomedap")
 
     before = path.read_bytes()
-    with pytest.raises(SystemExit) as exit:
-        data.cli(["prompts", str(folder), "--template", "an MR photo of a {}."])
+    code = classtext.cli(["starter", str(folder), "--template", "an MR photo of a {}."])
     err = capsys.readouterr().err
-    assert exit.value.code == 2 and err.startswith("error: ") and "already exists" in err and len(err.splitlines()) == 1
+    assert code == 2 and err.startswith("error: ") and "already exists" in err and len(err.splitlines()) == 1
     assert path.read_bytes() == before
 
     for entry in text["classes"].values():
         entry.update(ONE_EACH)
     path.write_text(json.dumps(text), encoding="utf-8")
     for method in ("biomedap", "biomedvr"):
-        assert data.load_class_text(str(folder), names, method=method)["classes"][names[0]] == ONE_EACH
+        assert classtext.load_class_text(str(folder), names, method=method)["classes"][names[0]] == ONE_EACH
 
 
 def test_starter_refuses_a_bad_template_and_a_folder_without_classes(tmp_path, capsys):
     (tmp_path / "mine" / "a").mkdir(parents=True)
     (tmp_path / "empty").mkdir()
-    for argv, message in ((["prompts", str(tmp_path / "mine"), "--template", "a {} in {T1}"], "{T1}"),
-                          (["prompts", str(tmp_path / "empty")], "no class sub-folders"),
-                          (["prompts", str(tmp_path / "nowhere")], "is not a folder")):
-        with pytest.raises(SystemExit):
-            data.cli(argv)
+    for argv, message in ((["starter", str(tmp_path / "mine"), "--template", "a {} in {T1}"], "{T1}"),
+                          (["starter", str(tmp_path / "empty")], "no class sub-folders"),
+                          (["starter", str(tmp_path / "nowhere")], "is not a folder")):
+        assert classtext.cli(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
     assert not list(tmp_path.rglob("prompts.json"))
@@ -141,7 +140,7 @@ def test_text_cut_by_the_context_length_warns_and_classes_cut_alike_are_refused(
     assert limit == {"tiny": 128, "tiny-clip": 77}[name]
     long = " ".join(["photo"] * (limit + 10))  # a known word: one token each in both vocabularies
     ok = text_of(["short", long + " x"], descriptions=["a round spot", "a dark spot"])
-    data.check_text_fits(bb, ok, list(ok["classes"]), ("template",))
+    classtext.check_text_fits(bb, ok, list(ok["classes"]), ("template",))
     err = capsys.readouterr().err
     assert err.startswith(f"warning: class text longer than the text tower's {limit} tokens is cut")
     tokens = int(re.search(r"in 1 class\(es\): photo photo .* photo x \(template, up to (\d+) tokens\)", err)[1])
@@ -149,30 +148,30 @@ def test_text_cut_by_the_context_length_warns_and_classes_cut_alike_are_refused(
 
     cut_alike = text_of([long + " alpha", long + " beta"])
     with pytest.raises(UserError, match="same template prompt after tokenisation") as error:
-        data.check_text_fits(bb, cut_alike, list(cut_alike["classes"]), ("template",))
+        classtext.check_text_fits(bb, cut_alike, list(cut_alike["classes"]), ("template",))
     assert "alpha" in str(error.value) and "beta" in str(error.value)
     # Without the cut the same names are told apart.
-    data.check_text_fits(bb, text_of(["alpha", "beta"]), ["alpha", "beta"], ("template",))
+    classtext.check_text_fits(bb, text_of(["alpha", "beta"]), ["alpha", "beta"], ("template",))
 
 
 def test_classes_the_tokenizer_makes_the_same_are_refused(backbones, capsys):
     bb = backbones("tiny")
     lower = text_of(["Glioma", "glioma"])  # both tokenizers lower-case
     with pytest.raises(UserError, match="Glioma, glioma have the same template prompt"):
-        data.check_text_fits(bb, lower, ["Glioma", "glioma"], ("template",))
+        classtext.check_text_fits(bb, lower, ["Glioma", "glioma"], ("template",))
     same = text_of(["a", "b"], descriptions=["a round spot", "A round spot"])
     with pytest.raises(UserError, match="a, b have the same descriptions after tokenisation"):
-        data.check_text_fits(bb, same, ["a", "b"], ("template", "descriptions"))
+        classtext.check_text_fits(bb, same, ["a", "b"], ("template", "descriptions"))
     # BioMedVR: one shared set of several is a warning, all of them an error
     shared = text_of(["a", "b"], **ONE_EACH)
     shared["classes"]["b"]["distinctive"] = ["only this class shows a dark ring"]
-    data.check_text_fits(bb, shared, ["a", "b"], data.TEXT_FIELDS)
+    classtext.check_text_fits(bb, shared, ["a", "b"], classtext.TEXT_FIELDS)
     err = capsys.readouterr().err
     assert "a, b have the same descriptions" in err and "a, b have the same confusions" in err
     with pytest.raises(UserError, match="same descriptions and distinctive and confusions"):
-        data.check_text_fits(bb, text_of(["a", "b"], **ONE_EACH), ["a", "b"], data.TEXT_FIELDS)
+        classtext.check_text_fits(bb, text_of(["a", "b"], **ONE_EACH), ["a", "b"], classtext.TEXT_FIELDS)
     # a class without descriptions matches no other (zero-shot then skips that scoring)
-    data.check_text_fits(bb, text_of(["a", "b"]), ["a", "b"], ("template", "descriptions"))
+    classtext.check_text_fits(bb, text_of(["a", "b"]), ["a", "b"], ("template", "descriptions"))
 
 
 # ------------------------------------------------------------------ D: templates
@@ -188,17 +187,17 @@ def test_templates_are_checked_by_the_formatting_that_fills_them(tmp_path, templ
     write_text(tmp_path, text_of(["a"], template, **ONE_EACH))
     for method in ("zeroshot", "biomedap", "biomedvr"):
         with pytest.raises(UserError) as error:
-            data.load_class_text(str(tmp_path), ["a"], method=method)
+            classtext.load_class_text(str(tmp_path), ["a"], method=method)
         lines = str(error.value).splitlines()
         assert len(lines) == 2 and found in lines[0] and "{{ or }}" in lines[0]
 
 
 def test_doubled_braces_are_literal_braces(tmp_path):
     write_text(tmp_path, text_of(["glioma"], "a MR photo of a {} in the brain {{T1-weighted}}.", **ONE_EACH))
-    text = data.load_class_text(str(tmp_path), ["glioma"], method="biomedap")
+    text = classtext.load_class_text(str(tmp_path), ["glioma"], method="biomedap")
     assert text["template"].format("glioma") == "a MR photo of a glioma in the brain {T1-weighted}."
     assert text["ctx_init"] == "a MR photo of a"
-    typo = data.perturbed_sentences(text, ["glioma"])["typo"][0]  # typos leave the braces escaped
+    typo = classtext.perturbed_sentences(text, ["glioma"])["typo"][0]  # typos leave the braces escaped
     assert typo.startswith("a MR photo of a glioma") and "{" in typo and "}" in typo
 
 
@@ -206,10 +205,10 @@ def test_doubled_braces_are_literal_braces(tmp_path):
 def test_class_keys_are_read_in_nfc(tmp_path):
     nfd = unicodedata.normalize("NFD", "café")
     write_text(tmp_path, text_of([nfd], **ONE_EACH))
-    assert list(data.load_class_text(str(tmp_path), ["café"], method="biomedvr")["classes"]) == ["café"]
+    assert list(classtext.load_class_text(str(tmp_path), ["café"], method="biomedvr")["classes"]) == ["café"]
     both = text_of([nfd, "café"], **ONE_EACH)
     with pytest.raises(UserError, match="same name in Unicode NFC"):
-        data.validate_class_text(both, "mine.json")
+        classtext.validate_class_text(both, "mine.json")
 
 
 # ------------------------------------------------------------------ end to end on your own folder

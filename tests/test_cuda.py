@@ -17,6 +17,7 @@ import torch
 
 import biomedap
 import biomedvr
+import classtext
 import common
 import runner
 import data
@@ -107,7 +108,7 @@ def build(method, device):
     else:
         args = runner.cli_args(biomedvr)(dataset="synthetic", backbone="tiny-clip", device=device)
         names = list(data.SYNTHETIC_LOOKS)
-        model = biomedvr.build_model(backbone, data.load_class_text("synthetic", names), names, args, device)
+        model = biomedvr.build_model(backbone, classtext.load_class_text("synthetic", names), names, args, device)
     g = torch.Generator().manual_seed(1)  # move every learnable off its initial value
     with torch.no_grad():
         for _, p in sorted(model.named_parameters()):

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+import classtext
 import data
 from common import UserError
 from data import Item, Splits
@@ -672,17 +673,17 @@ def test_dataset_names_any_case_and_folder_paths_name_the_folder(tmp_path, monke
     monkeypatch.chdir(mine)
     assert data.dataset_key(".") == "my_folder" == data.load_splits(".").name
     (mine / "prompts.json").write_text(json.dumps(own_text(["a", "b"])))
-    assert list(data.load_class_text(".", ["a", "b"])["classes"]) == ["a", "b"]
-    monkeypatch.setattr(data, "PROMPTS_DIR", tmp_path)
+    assert list(classtext.load_class_text(".", ["a", "b"])["classes"]) == ["a", "b"]
+    monkeypatch.setattr(classtext, "PROMPTS_DIR", tmp_path)
     (tmp_path / "busi.json").write_text(json.dumps(own_text(data.CLASSNAMES["busi"])))
-    assert list(data.load_class_text("Busi", data.CLASSNAMES["busi"])["classes"]) == data.CLASSNAMES["busi"]
-    assert list(data.load_class_text("SYNTHETIC", ["red disc"])["classes"]) == ["red disc"]
+    assert list(classtext.load_class_text("Busi", data.CLASSNAMES["busi"])["classes"]) == data.CLASSNAMES["busi"]
+    assert list(classtext.load_class_text("SYNTHETIC", ["red disc"])["classes"]) == ["red disc"]
 
 
 # ------------------------------------------------------------------ class text
 def test_synthetic_class_text_is_restricted_and_ordered():
     names = ["yellow checkered patch", "red disc"]
-    text = data.load_class_text("synthetic", names)
+    text = classtext.load_class_text("synthetic", names)
     assert list(text["classes"]) == names
     assert text["template"].format("red disc") == "a photo of a red disc."
     assert set(text["classes"]["red disc"]) == {"descriptions", "distinctive", "confusions"}
@@ -698,23 +699,23 @@ def own_text(classes):
 def test_own_folder_class_text_lists_missing_classes(tmp_path):
     folder = make_own(tmp_path / "mine")
     with pytest.raises(UserError, match="needs class text") as error:
-        data.load_class_text(str(folder), ["class a"])
+        classtext.load_class_text(str(folder), ["class a"])
     assert str(folder / "prompts.json") in str(error.value)
     (folder / "prompts.json").write_text(json.dumps(own_text(["class a"])))
     with pytest.raises(UserError) as error:
-        data.load_class_text(str(folder), ["class a", "class b", "tiny c"])
+        classtext.load_class_text(str(folder), ["class a", "class b", "tiny c"])
     assert "class b, tiny c" in str(error.value) and "class a," not in str(error.value)
-    assert list(data.load_class_text(str(folder), ["class a"])["classes"]) == ["class a"]
+    assert list(classtext.load_class_text(str(folder), ["class a"])["classes"]) == ["class a"]
 
 
 def test_benchmark_class_text_comes_from_prompts_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "PROMPTS_DIR", tmp_path)
+    monkeypatch.setattr(classtext, "PROMPTS_DIR", tmp_path)
     (tmp_path / "busi.json").write_text(json.dumps(own_text(["benign tumor", "normal scan"])))
     with pytest.raises(UserError) as error:
-        data.load_class_text("busi", data.CLASSNAMES["busi"])
+        classtext.load_class_text("busi", data.CLASSNAMES["busi"])
     assert "malignant tumor" in str(error.value) and "busi.json" in str(error.value)
     with pytest.raises(UserError, match="does not exist"):
-        data.load_class_text("retina", data.CLASSNAMES["retina"])
+        classtext.load_class_text("retina", data.CLASSNAMES["retina"])
 
 
 @pytest.mark.parametrize("change, message", [
@@ -726,10 +727,10 @@ def test_benchmark_class_text_comes_from_prompts_folder(tmp_path, monkeypatch):
 ])
 def test_validate_class_text_rejects_each_problem(change, message):
     text = json.loads(json.dumps(own_text(["x"])))
-    data.validate_class_text(text, "mine.json")
+    classtext.validate_class_text(text, "mine.json")
     change(text)
     with pytest.raises(UserError, match=message) as error:
-        data.validate_class_text(text, "mine.json")
+        classtext.validate_class_text(text, "mine.json")
     assert "mine.json" in str(error.value)
 
 

@@ -1,9 +1,10 @@
 """The layout readers rely on: a small common.py that imports no project file; method files that
 import only common at module level (their command line reaches runner inside `main`), so a method
-file plus common.py is the whole method; the rest one way (runner -> data -> common), standalone
+file plus common.py is the whole method; the rest one way (runner -> classtext -> data -> common), standalone
 zeroshot.py and report.py; help that says what each flag expects; and the old `python common.py
-...` commands pointing to the new ones."""
+...` and `python data.py prompts` commands pointing to the new ones."""
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -40,11 +41,12 @@ def test_imports_run_one_way_without_circles_or_tricks():
         assert inner <= allowed, f"{name}.py imports {inner - allowed} in a function"
         assert "importlib" not in graph[name], f"{name}.py looks modules up by name"
     assert graph["common"] == set() and graph["data"] == {"common"}
-    assert graph["runner"] == {"common", "data"}
+    assert graph["classtext"] == {"common", "data"}, "the class text imports no method file and no runner"
+    assert graph["runner"] == {"classtext", "common", "data"}
     for name in ("biomedap", "biomedvr"):
         top = {m for m, in_function in project_imports(name) if not in_function}
         assert top == {"common"}, f"{name}.py imports {top - {'common'}} at module level: it must stand alone"
-    assert graph["zeroshot"] <= {"common", "data", "runner"}
+    assert graph["zeroshot"] <= {"classtext", "common", "data", "runner"}
     assert not any("report" in graph[n] or "zeroshot" in graph[n] for n in PROJECT if n != "report"), \
         "report.py and zeroshot.py are scripts: nothing imports them"
 
@@ -57,6 +59,7 @@ def test_files_stay_readable_sizes():
     lines = {name: len((REPO / f"{name}.py").read_text().splitlines()) for name in PROJECT}
     assert lines["common"] <= 500
     assert lines["biomedap"] < 700 and lines["biomedvr"] < 700
+    assert lines["classtext"] < 1350
 
 
 def run(*argv, cwd=REPO):
@@ -64,7 +67,7 @@ def run(*argv, cwd=REPO):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-@pytest.mark.parametrize("script", ["biomedap.py", "biomedvr.py", "zeroshot.py", "report.py"])
+@pytest.mark.parametrize("script", ["biomedap.py", "biomedvr.py", "zeroshot.py", "report.py", "classtext.py"])
 def test_help_says_what_each_flag_expects(script):
     out = run(script, "--help")
     assert out.returncode == 0 and "usage:" in out.stdout, out.stderr
@@ -77,6 +80,10 @@ def test_help_says_what_each_flag_expects(script):
         assert "--subsample" in text and "--dataset" in text
     if script == "report.py":
         assert "RUNS_DIR" in text
+    if script == "classtext.py":
+        assert all(command in text for command in ("write", "starter", "import", "check"))
+    if script != "report.py":
+        assert "--class-text" in text or script == "classtext.py"
 
 
 def test_the_old_common_commands_say_where_they_moved(tmp_path):
@@ -87,3 +94,12 @@ def test_the_old_common_commands_say_where_they_moved(tmp_path):
     out = run(str(REPO / "common.py"), "zeroshot", "--dataset", "no-such-set", "--backbone", "tiny")
     assert "moved to `python zeroshot.py`" in out.stderr and "error: unknown dataset" in out.stderr
     assert out.returncode == 2
+
+
+def test_the_old_data_prompts_command_says_where_it_moved(tmp_path):
+    (tmp_path / "mine" / "glioma_tumor").mkdir(parents=True)
+    (tmp_path / "mine" / "normal").mkdir()
+    out = run(str(REPO / "data.py"), "prompts", str(tmp_path / "mine"))
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.startswith("note: `python data.py prompts` moved to `python classtext.py starter`")
+    assert list(json.loads((tmp_path / "mine" / "prompts.json").read_text())["classes"]) == ["glioma tumor", "normal"]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import classtext
 import biomedap
 import biomedvr
 import common
@@ -83,7 +84,7 @@ def coop(tmp_path, monkeypatch, backbones):
     for name in STAND_INS:
         make_coop(root, name)
         (prompts / f"{name}.json").write_text(json.dumps(class_text(name)))
-    monkeypatch.setattr(data, "PROMPTS_DIR", prompts)
+    monkeypatch.setattr(classtext, "PROMPTS_DIR", prompts)
     monkeypatch.setattr(common, "load_backbone", lambda name, device: backbones(name))
     return root
 
@@ -226,10 +227,10 @@ def test_the_command_line_prints_one_line_and_exits_2(tmp_path, capsys):
 
 def test_missing_class_text_of_a_natural_benchmark_is_named(tmp_path, monkeypatch):
     make_coop(tmp_path / "data", "dtd")
-    monkeypatch.setattr(data, "PROMPTS_DIR", tmp_path / "prompts")
+    monkeypatch.setattr(classtext, "PROMPTS_DIR", tmp_path / "prompts")
     splits = data.load_splits("dtd", root=str(tmp_path / "data"))
     with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'prompts' / 'dtd.json'} does not exist")):
-        data.load_class_text("dtd", splits.classnames, method="biomedvr")
+        classtext.load_class_text("dtd", splits.classnames, method="biomedvr")
 
 
 # ------------------------------------------------------------------ end to end on the tiny backbones

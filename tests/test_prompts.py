@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import classtext
 import data
 
 FIELDS = ("descriptions", "distinctive", "confusions")
@@ -12,7 +13,7 @@ WORDS = {"descriptions": (6, 80), "distinctive": (6, 80), "confusions": (20, 120
 
 def check_sentences(text, source):
     # No warning: our text has the papers' counts of sentences (REFERENCE_SENTENCES) and word counts.
-    assert data.validate_class_text(text, source) == [], f"{source} is below the papers' text"
+    assert classtext.validate_class_text(text, source) == [], f"{source} is below the papers' text"
     for name, entry in text["classes"].items():
         sentences = [s.strip().lower() for field in FIELDS for s in entry[field]]
         repeated = sorted({s for s in sentences if sentences.count(s) > 1})
@@ -24,14 +25,14 @@ def check_sentences(text, source):
 
 @pytest.mark.parametrize("name", sorted(data.MEDICAL))
 def test_prompt_file(name):
-    path = data.PROMPTS_DIR / f"{name}.json"
+    path = classtext.PROMPTS_DIR / f"{name}.json"
     assert path.is_file(), f"{path} is missing"
     text = json.loads(path.read_text(encoding="utf-8"))
     check_sentences(text, str(path))
     assert set(text["classes"]) == set(data.CLASSNAMES[name]), (
         f"{path}: classes {sorted(text['classes'])} differ from {data.CLASSNAMES[name]}")
     assert text["template"].format("x").startswith(text["ctx_init"])
-    loaded = data.load_class_text(name, data.CLASSNAMES[name])
+    loaded = classtext.load_class_text(name, data.CLASSNAMES[name])
     assert list(loaded["classes"]) == data.CLASSNAMES[name]
 
 
@@ -45,7 +46,7 @@ def test_natural_class_text(name):
     """prompts/<name>.json of a natural-image benchmark: a template with {}, and for each of the
     split file's classes (its names with spaces for underscores) at least 20 descriptions, 5
     distinctive sentences and 5 confusions of 20 words or more; no sentence twice in the file."""
-    path = data.PROMPTS_DIR / f"{name}.json"
+    path = classtext.PROMPTS_DIR / f"{name}.json"
     if not path.is_file():
         pytest.skip(f"{path} is not there yet")
     text = json.loads(path.read_text(encoding="utf-8"))
@@ -65,4 +66,4 @@ def test_natural_class_text(name):
                 words = " ".join(sentence.lower().split())
                 assert words and words not in seen, f"{path}: {sentence!r} of {key!r} {field} is also in {seen.get(words)}"
                 seen[words] = (key, field)
-    assert data.validate_class_text(text, str(path), "biomedvr", list(classes)) == []
+    assert classtext.validate_class_text(text, str(path), "biomedvr", list(classes)) == []

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+import classtext
 import data
 import runner
 from test_data import dicom_copy  # a pydicom test file saved with some elements changed
@@ -456,7 +457,7 @@ def test_class_names_are_one_unicode_spelling_everywhere(tmp_path):
     entry = next(iter(text["classes"].values()))
     text["classes"] = {decomposed: entry, "tea": entry}
     (folder / "prompts.json").write_text(json.dumps(text))
-    assert list(data.load_class_text(str(folder), splits.classnames)["classes"]) == [composed, "tea"]
+    assert list(classtext.load_class_text(str(folder), splits.classnames)["classes"]) == [composed, "tea"]
     write_split(folder, {"train": [[f"{decomposed}/0.png", 0, decomposed], ["tea/0.png", 1, "tea"]], "val": [],
                          "test": [[f"{decomposed}/1.png", 0, composed], ["tea/1.png", 1, "tea"]]})
     assert data.load_splits(str(folder)).classnames == [composed, "tea"]  # one class, two spellings

@@ -11,6 +11,7 @@ import pytest
 
 import biomedap
 import biomedvr
+import classtext
 import zeroshot
 import report
 import runner
@@ -125,6 +126,8 @@ def test_every_readme_command_is_accepted(line):
         runner.parse_args(zeroshot.Args, argv[2:])
     elif argv[:2] == ["python", "report.py"]:
         assert len(argv) <= 3
+    elif argv[:2] == ["python", "classtext.py"]:
+        classtext.build_parser().parse_args(argv[2:])
     else:
         assert argv[0] in ("pip", "python", "python3", "hf", "sbatch", "parallel"), line
 
@@ -158,6 +161,27 @@ def test_sweeps_skip_finished_runs_of_your_own_folder(tmp_path):
     assert run_sh("fewshot", "biomedvr", "BTMRI", "2", "1", "--dry-run", env=env) != []
     runner.atomic_write_json(runner.run_dir(str(tmp_path / "runs"), "biomedvr", "BTMRI", 2, 1) / "metrics.json", {})
     assert run_sh("fewshot", "biomedvr", "BTMRI", "2", "1", "--dry-run", env=env) == []
+
+
+def test_sweeps_keep_runs_on_other_class_text_apart(tmp_path):
+    """A finished run on the dataset's own text is not one on --class-text FILE: the sweep looks in
+    text-<hash>/, where the method writes it, and a missing file stops it at once."""
+    text = tmp_path / "released.json"
+    text.write_text('{"template": "a MR photo of a {} in the brain.", "classes": {}}')
+    env = {"OUT": str(tmp_path / "runs")}  # run.sh hashes the file with python
+    runner.atomic_write_json(runner.run_dir(str(tmp_path / "runs"), "biomedvr", "btmri", 16, 1) / "metrics.json", {})
+    assert run_sh("fewshot", "biomedvr", "btmri", "16", "1", "--dry-run", env=env) == []
+    [job] = run_sh("fewshot", "biomedvr", "btmri", "16", "1", "--dry-run", "--", "--class-text", str(text), env=env)
+    args = parse_job(job)[1]
+    assert args.class_text == str(text)
+    folder = runner.run_folder(biomedvr, args)
+    assert folder.parts[-5] == classtext.class_text_folder(text)
+    runner.atomic_write_json(folder / "metrics.json", {})
+    flags = ["--dry-run", "--", "--class-text", str(text)]
+    assert run_sh("fewshot", "biomedvr", "btmri", "16", "1", *flags, env=env) == []
+    out = subprocess.run(["bash", str(REPO / "run.sh"), "zeroshot", "btmri", "--dry-run", "--", "--class-text",
+                          str(tmp_path / "missing.json")], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and "--class-text" in out.stderr and "is not a file" in out.stderr
 
 
 def run_as_shell(line):
