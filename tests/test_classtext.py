@@ -27,6 +27,7 @@ import biomedvr
 import classtext
 import common
 import data
+import runner
 import zeroshot
 from common import UserError
 
