@@ -12,24 +12,25 @@ a "high" anchor (expert descriptions) and a "low" anchor (few-shot visual protot
 Symbols: B batch, C classes, M context tokens (n_ctx), P visual prompt tokens (4), N patches,
 D image width, Dt text width, Du attention width max(D, Dt), E joint embedding width, K shots.
 
-Equation map. Only the paper's abstract and method figure (Fig. 1 in the repository README) could
-be read; each line names the figure's block (or the abstract), then the code:
-    learnable context "a [MODALITY] photo of a" + class name (Fig. 1, text)  -> `PromptLearner`
-    visual prompts: zeros (released) / deep VPT (Fig. 1, image)  -> `official_prompts`, `paper_prompts`
-    Gated Cross-Modal Prompt Fusion, "Unified Interaction Space" (Fig. 1)  -> `GatedFusion.forward`
-    text context: GT class in training, mean of classes at inference (Fig. 1)  -> `BiomedAP.forward`
-    High Anchors: centroid of expert prompts (abstract, Fig. 1)  -> `high_anchor`
-    Low Anchors: few-shot visual prototypes (abstract; "{class}" released)  -> `prototype_anchor`, `text_anchor`
+Equation map. Only the paper's abstract and its method figure (Figure 2 of the paper, in the
+repository README; Figure 1 is the comparison with earlier methods) could be read; each line names
+the figure's block (or the abstract), then the code:
+    learnable context "a [MODALITY] photo of a" + class name (Fig. 2, text)  -> `PromptLearner`
+    visual prompts: zeros (released) / deep VPT (Fig. 2, image)  -> `official_prompts`, `paper_prompts`
+    Gated Cross-Modal Prompt Fusion, "Unified Interaction Space" (Fig. 2)  -> `GatedFusion.forward`
+    text context: GT class in training, mean of classes at inference (Fig. 2)  -> `BiomedAP.forward`
+    High Anchors: centroid of expert prompts (abstract, Fig. 2)  -> `high_anchor`
+    Low Anchors: few-shot visual prototypes (abstract; text released)  -> `prototype_anchor`, `text_anchor`
     logits s f t^T and anchor logits s f h^T (released code)  -> `BiomedAP.forward`
     L_ce, L1 to each anchor, KL to the anchor logits, alignment  -> `anchor_l1`, `anchor_kl`, `alignment_loss`
-    Confidence-Aware Adaptive Loss, w = 1 + alpha H(p)/log C (abstract, Fig. 1)  -> `confidence_weight`
-    L = L_ce + w (L_high + L_low + L_kl) + L_align  -> `biomedap_loss` (one step: `train_step`)
+    Confidence-Aware Adaptive Loss, w = 1 + alpha H(p)/log C (abstract, Fig. 2)  -> `confidence_weight`
+    L = L_ce + w (L_high + L_low + L_kl + L_align) (Fig. 2)  -> `biomedap_loss` (one step: `train_step`)
     CoOp's transforms, SGD with one warm-up epoch then cosine (released)  -> `transforms`, `make_optimizer`
 
-In your own code (README, "Use a method in your own code"): `BiomedAP(backbone, classnames,
-template, ctx_init, n_ctx, high_anchor=..., low_anchor=...)`, then `train_step` (or
+In your own code (README, "Use a method in your own code"): `BiomedAP(...)`, then `train_step` (or
 `biomedap_loss`) per batch and `scheduler.step()` per epoch. Training passes each image's own
 class context (`model.prompt_learner.class_context()[labels]`); inference passes none.
+`fusion_layers=[]` builds it without fusion (the ablation `--fusion-layers none`).
 
 Prompt perturbations (`--robustness`, ours: deviation 12): the learned context keeps positions
 1..M and the rest of the prompt (the "fixed part") is replaced. "clinical" is the trained prompt;
@@ -46,8 +47,10 @@ Deviations (from the paper, the official code, or both):
      the text: learnable prompts inserted after CLS (1+P+N tokens, VPT's uniform init) and replaced
      before each block; the fusion takes the prompt tokens' hidden states from the previous block
      (at block 0 the learnable prompt), and blocks fed by the fusion own no prompt (it would be
-     unused); low anchor = few-shot visual prototypes; the confidence weight scales L_high, L_low
-     and L_kl (the three terms pulling towards an anchor); KL teacher detached (it is a target).
+     unused); low anchor = few-shot visual prototypes; KL teacher detached (it is a target); the
+     confidence weight w scales L_high, L_low, L_kl and L_align (Figure 2 routes all four into the
+     confidence-aware loss; the released code has no w). `--low-anchor` (released LOW_TEMPLATE_TYPE)
+     and `--fusion-layers none` (ENABLE_FUSION False; no fusion, no L_align) work in both variants.
   2. Frozen encoders always run in eval mode (official: BERT dropout active in training). Zero
      prompts are a non-persistent buffer without the official Dropout(0.5) (a no-op on zeros).
   3. Class token at the end in both protocols (the official base-to-novel drivers fell back to the
@@ -68,9 +71,8 @@ Deviations (from the paper, the official code, or both):
  12. The robustness protocol above is ours: the released code has none.
  13. Random draws are not Dassl's (global streams, seeded per worker): each epoch's order and each
      image's crop follow from (seed, epoch, image index) alone, so `--workers` changes no number.
- 14. Images are decoded as a viewer shows them (`data.to_rgb`: EXIF orientation, alpha composited
-     on white, 16-bit/float stretched; one-colour or over 20:1 images refused); official: PIL's
-     convert("RGB"). The pixels are the same for 8-bit RGB/grey files without an EXIF orientation.
+ 14. Images are decoded as a viewer shows them (`data.to_rgb`); official: PIL's convert("RGB"), the
+     same pixels for 8-bit RGB or grey files without an EXIF orientation.
 """
 import dataclasses
 import math
@@ -105,13 +107,13 @@ LAMBDA_ALIGN = 0.1                   # every yaml: ALIGNMENT_LAMBDA
 EPOCHS = {"all": 100, "base": 50}    # MAX_EPOCH few-shot / base-to-novel
 N_PROMPTS = {"all": 40, "base": 50}  # expert descriptions per class in the high anchor
 REFERENCE_DEPTH, REFERENCE_FUSION = 12, (5, 8)  # the paper's blocks 5 and 8 of a 12-block ViT
+DEFAULT_LOW_ANCHOR = {"paper": "prototypes", "official": "minimal"}  # few-shot visual prototypes / "{class}"
 
 
 def official_settings(dataset: str, subsample: str = "all") -> dict:
     """The released code's values for a benchmark (`btmri`, ...; few-shot "all" or base-to-novel
-    "base"): n_ctx (None where there is no per-dataset value: use all ctx_init tokens,
-    `context_tokens`), the loss weights, epochs and the descriptions per class in the high anchor.
-    Other datasets (your own, synthetic) get the released global defaults."""
+    "base"): n_ctx (None where there is no per-dataset value: all ctx_init tokens), the loss weights,
+    epochs, descriptions per class in the high anchor. Other datasets: the released global defaults."""
     n_ctx, few, b2n = OFFICIAL.get(dataset.lower(), (None, GLOBAL_LAMBDAS, GLOBAL_LAMBDAS))
     high, kl, low = few if subsample == "all" else b2n
     return {"n_ctx": n_ctx, "lambda_high": high, "lambda_kl": kl, "lambda_low": low, "lambda_align": LAMBDA_ALIGN,
@@ -177,15 +179,11 @@ class PromptLearner(nn.Module):
 
 
 # --------------------------------------------------------------------------- gated fusion
-def heads_for(width, wanted):
-    return max(h for h in range(1, wanted + 1) if width % h == 0)
-
-
 class GatedFusion(nn.Module):
     """Gated bidirectional cross-attention between visual prompts P_v (B, P, D) and the text context
-    P_t (B, M, Dt) (Fig. 1's GCPF; released
-    trainers/cross_modal_fusion.py). Only the attentions run at Du = max(D, Dt), the narrower stream
-    projected in (Pi) and back (Po); the rest works at each stream's own width, as official:
+    P_t (B, M, Dt) (Fig. 2's GCPF; released trainers/cross_modal_fusion.py). Only the attentions run
+    at Du = max(D, Dt), the narrower stream projected in (Pi) and back (Po); the rest works at each
+    stream's own width, as official:
         dP_v = Po_v MHA(Pi_v P_v, Pi_t P_t, Pi_t P_t)     dP_t = Po_t MHA(Pi_t P_t, Pi_v P_v, Pi_v P_v)
         g_v = sigmoid(W_gv P_v + b)                       g_t = sigmoid(W_gt P_t + b)
         F_v = g_v * P_v + (1 - g_v) * dP_v                F_t likewise
@@ -197,7 +195,7 @@ class GatedFusion(nn.Module):
         proj = lambda a, b: nn.Linear(a, b) if a != b else nn.Identity()  # noqa: E731
         self.v_in, self.t_in = proj(visual_width, width), proj(text_width, width)
         self.v_out, self.t_out = proj(width, visual_width), proj(width, text_width)
-        heads = heads_for(width, heads)
+        heads = max(h for h in range(1, heads + 1) if width % h == 0)  # deviation 8
         self.attn_v = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)  # v <- t
         self.attn_t = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)  # t <- v
         self.gate_v, self.gate_t = nn.Linear(visual_width, visual_width), nn.Linear(text_width, text_width)
@@ -226,19 +224,19 @@ class BiomedAP(nn.Module):
     the two frozen anchors. forward(images (B, 3, H, W), context (B, M, Dt) or None) returns on every
     branch: logits (B, C), image_features (B, E), or (B, C, E) per class, text_features (C, E),
     fused_text [(B, M, Dt)], context, anchor_logits (B, C): the high anchor's logits of the same
-    image features (None without anchors: a model for evaluation or prediction cannot train)."""
+    image features (None without anchors: a model for evaluation or prediction cannot train).
+    fusion_layers: None for the paper's blocks (`default_fusion_layers`), [] for no fusion."""
 
     def __init__(self, backbone, classnames, template, ctx_init, n_ctx, variant="paper",
-                 prompt_tokens=4, fusion_layers=(), heads=8, dropout=0.1, infer_context="mean",
+                 prompt_tokens=4, fusion_layers=None, heads=8, dropout=0.1, infer_context="mean",
                  high_anchor=None, low_anchor=None):
         super().__init__()
         self.backbone, self.variant, self.infer_context = backbone, variant, infer_context
-        self.settings = dict(template=template, ctx_init=ctx_init, n_ctx=n_ctx, variant=variant,  # for_classes
-                             prompt_tokens=prompt_tokens, fusion_layers=list(fusion_layers), heads=heads,
-                             dropout=dropout, infer_context=infer_context)
         depth, width = backbone.num_blocks, backbone.image_width
-        self.fusion_layers = list(fusion_layers) or default_fusion_layers(depth)
-        layers = self.fusion_layers
+        self.fusion_layers = layers = default_fusion_layers(depth) if fusion_layers is None else list(fusion_layers)
+        self.settings = dict(template=template, ctx_init=ctx_init, n_ctx=n_ctx, variant=variant,  # for_classes
+                             prompt_tokens=prompt_tokens, fusion_layers=layers, heads=heads,
+                             dropout=dropout, infer_context=infer_context)
         if any(not 0 <= i < depth for i in layers) or len(set(layers)) != len(layers):
             raise UserError(f"--fusion-layers must be distinct block indices in 0..{depth - 1}")
         self.prompt_learner = PromptLearner(backbone, classnames, template, ctx_init, n_ctx)
@@ -339,9 +337,16 @@ def prototype_anchor(backbone, support, num_classes: int):
     return F.normalize(feats, dim=-1)
 
 
-def text_anchor(backbone, classnames):
-    """Low anchor of the released code: l_c = norm(E_T("{class}")) -> (C, E)."""
-    return common.encode_sentences(backbone, list(classnames))
+# The released low anchors (ZERO_SHOT_TEMPLATES[LOW_TEMPLATE_TYPE]; "medical" is medical_minimal).
+# The released "empty" template "" is replaced by the text "X": one anchor shared by every class.
+LOW_TEMPLATES = {"minimal": "{}", "article": "a {}", "generic": "a photo of {}",
+                 "medical": "a medical image of {}", "empty": "X"}
+
+
+def text_anchor(backbone, classnames, template="{}"):
+    """Low anchor of the released code: l_c = norm(E_T(template.format(class))), by default the
+    class name alone ("minimal"; the other forms: LOW_TEMPLATES) -> (C, E)."""
+    return common.encode_sentences(backbone, [template.format(c) for c in classnames])
 
 
 # --------------------------------------------------------------------------- losses
@@ -372,19 +377,24 @@ def confidence_weight(logits, alpha):
 
 def biomedap_loss(out, labels, high_anchor, low_anchor, variant="paper", lambda_high=12.5, lambda_kl=0.25,
                   lambda_low=0.3, lambda_align=0.1, alpha=1.0):
-    """L = L_ce + w (L_high + L_low + L_kl) + L_align from the model's training forward `out`
+    """L = L_ce + w (L_high + L_low + L_kl + L_align) from the model's training forward `out`
     (logits (B, C), text_features (C, E), anchor_logits (B, C), fused_text, context). The
     weights default to the released global defaults (`official_settings` has the per-dataset
-    table); w = 1 in the official variant. Returns every term, weighted, and the total "loss"."""
+    table); w = 1 in the official variant. Returns every term, weighted, and the total "loss";
+    a model without fusion has no "align" term (nothing to align)."""
     logits = out["logits"].float()
     ce = F.cross_entropy(logits, labels)
     high = lambda_high * anchor_l1(out["text_features"], high_anchor)
     low = lambda_low * anchor_l1(out["text_features"], low_anchor)
     kl = lambda_kl * anchor_kl(logits, out["anchor_logits"].float(), detach_teacher=variant == "paper")
-    align = lambda_align * alignment_loss(out["fused_text"], out["context"])
-    w = confidence_weight(logits, alpha) if variant == "paper" else torch.ones(())
-    loss = ce + w * (high + low + kl) + align
-    return {"loss": loss, "ce": ce, "high": high, "low": low, "kl": kl, "align": align, "w": w}
+    align = lambda_align * alignment_loss(out["fused_text"], out["context"])  # 0 without fusion
+    if variant == "paper":
+        w = confidence_weight(logits, alpha)
+        loss = ce + w * (high + low + kl + align)
+    else:
+        w, loss = torch.ones(()), ce + (high + low + kl) + align
+    terms = {"loss": loss, "ce": ce, "high": high, "low": low, "kl": kl, "align": align, "w": w}
+    return terms if out["fused_text"] else {k: v for k, v in terms.items() if k != "align"}
 
 
 # --------------------------------------------------------------------------- training recipe
@@ -495,6 +505,11 @@ def for_classes(model, classnames):
 
 
 # =========================================================================== command line
+def block(text):
+    """A --fusion-layers value: a block index, or none (no fusion)."""
+    return "none" if text.lower() == "none" else int(text)
+
+
 @dataclasses.dataclass
 class Args:  # the method's knobs; runner.py adds the experiment (--dataset, --shots, --seed,
     # --subsample, --backbone) and the run flags (--eval-only, --resume, --device, --out, ...)
@@ -504,8 +519,8 @@ class Args:  # the method's knobs; runner.py adds the experiment (--dataset, --s
     n_ctx: int = arg(None, "M context tokens; none: official per-dataset value, else all ctx_init tokens", at_least=1)
     n_prompts: int = arg(None, "expert descriptions per class in the high anchor; none: 40, b2n 50", at_least=1)
     prompt_tokens: int = arg(4, "P visual prompt tokens (official 4)", at_least=1)
-    fusion_layers: list = list_arg(int, "blocks that get the gated fusion (0-based); none given: 5 and 8 of 12, "
-                                        "scaled to the depth", metavar="BLOCK")
+    fusion_layers: list = list_arg(block, "blocks that get the gated fusion (0-based), or none: no fusion and no "
+                                          "L_align; not given: 5 and 8 of 12, scaled to the depth", metavar="BLOCK")
     fusion_heads: int = arg(8, "heads of the fusion cross-attention (official 8)", at_least=1)
     fusion_dropout: float = arg(0.1, "dropout in the fusion attention and feed-forward (official 0.1)",
                                 at_least=0, below=1)
@@ -515,6 +530,10 @@ class Args:  # the method's knobs; runner.py adds the experiment (--dataset, --s
     lambda_align: float = arg(None, "weight of the fusion alignment loss; none: official 0.1", at_least=0)
     alpha: float = arg(1.0, "confidence-aware weight w = 1 + alpha * normalised entropy (paper variant)",
                        at_least=0)
+    low_anchor: str = arg(None, "low anchor: few-shot visual prototypes, or the released text forms (minimal "
+                          "'{class}', article 'a {class}', generic 'a photo of {class}', medical 'a medical image "
+                          "of {class}', empty 'X'); none: prototypes (paper), minimal (official)",
+                          ["prototypes", *LOW_TEMPLATES])
     # optimisation
     epochs: int = arg(None, "training epochs; none: official 100 few-shot, 50 base-to-novel", at_least=1)
     batch_size: int = arg(4, "training batch size (official 4)", at_least=1)
@@ -530,28 +549,48 @@ class Args:  # the method's knobs; runner.py adds the experiment (--dataset, --s
     robustness: bool = arg(False, "also evaluate under prompt perturbations (see the docstring)",
                            resume_may_differ=True, eval_option=True)
 
+    def check(self):
+        """Flags that contradict each other (the run machinery calls this with the range checks)."""
+        if "none" in self.fusion_layers and len(self.fusion_layers) > 1:
+            raise UserError("--fusion-layers none means no fusion: give it alone, or block numbers")
+        if self.fusion_layers == ["none"] and self.lambda_align:
+            raise UserError("--lambda-align weighs the fusion's alignment loss, but --fusion-layers none has no "
+                            "fusion: leave one of them out")
+
 
 # What the run machinery (runner.py: run folders, resume, --eval-only, --predict, --benchmark)
-# calls; a method copied into another project needs none of it.
+# calls (it has nothing to add after an epoch, to the metrics, the pictures or a prediction); a
+# method copied into another project needs none of it.
 NAME = "biomedap"  # the class text it reads: descriptions, and ctx_init
 TRAINABLE_GROUPS = ("fusion",)  # each fusion module is listed as one entry at the start of a run
 
 
 def run_name(args) -> str:
-    return "biomedap" if args.variant == "paper" else "biomedap-official"
+    """biomedap[-official] and a suffix per ablation switch off its default (run.sh's method_dir
+    says the same), so that an ablation never shares a run folder with the full method."""
+    name = "biomedap" if args.variant == "paper" else "biomedap-official"
+    if args.fusion_layers:
+        name += "-no-fusion" if args.fusion_layers == ["none"] else "-fusion" + "-".join(map(str, args.fusion_layers))
+    if args.low_anchor not in (None, DEFAULT_LOW_ANCHOR[args.variant]):
+        name += f"-low-{args.low_anchor}"
+    for term in ("high", "low", "kl", "align"):
+        name += f"-no-{term}" if getattr(args, f"lambda_{term}") == 0 else ""
+    return name + ("-no-confidence" if args.alpha == 0 else "")
 
 
 def configure(args, backbone, class_text) -> dict:
-    """The released per-dataset values for every knob left at none."""
+    """The released per-dataset values for every knob left at none; fusion blocks, low anchor."""
     official = official_settings(args.dataset, args.subsample)
     pick = lambda value, default: default if value is None else value  # noqa: E731
     n_ctx = official["n_ctx"] or context_tokens(backbone, class_text["ctx_init"])
+    fusion = [] if args.fusion_layers == ["none"] else args.fusion_layers or default_fusion_layers(backbone.num_blocks)
     return {"n_ctx": pick(args.n_ctx, n_ctx), "epochs": pick(args.epochs, official["epochs"]),
-            "n_prompts": pick(args.n_prompts, official["n_prompts"]),
+            "n_prompts": pick(args.n_prompts, official["n_prompts"]), "fusion_layers": fusion,
+            "low_anchor": args.low_anchor or DEFAULT_LOW_ANCHOR[args.variant],
             "lambda": {"high": pick(args.lambda_high, official["lambda_high"]),
                        "kl": pick(args.lambda_kl, official["lambda_kl"]),
                        "low": pick(args.lambda_low, official["lambda_low"]),
-                       "align": pick(args.lambda_align, official["lambda_align"])}}
+                       "align": pick(args.lambda_align, official["lambda_align"]) if fusion else 0.0}}
 
 
 def input_size(args, backbone) -> int:
@@ -572,17 +611,15 @@ def build(backbone, classnames, class_text, cfg, args, support=None):
     if support is not None:
         classes = class_text["classes"]
         high = high_anchor(backbone, [classes[c]["descriptions"][:cfg["n_prompts"]] for c in classnames])
-        low = (prototype_anchor(backbone, support, len(classnames)) if args.variant == "paper"
-               else text_anchor(backbone, classnames))
+        low = (prototype_anchor(backbone, support, len(classnames)) if cfg["low_anchor"] == "prototypes"
+               else text_anchor(backbone, classnames, LOW_TEMPLATES[cfg["low_anchor"]]))
     return BiomedAP(backbone, classnames, class_text["template"], class_text["ctx_init"], cfg["n_ctx"],
-                    args.variant, args.prompt_tokens, args.fusion_layers, args.fusion_heads, args.fusion_dropout,
+                    args.variant, args.prompt_tokens, cfg["fusion_layers"], args.fusion_heads, args.fusion_dropout,
                     args.infer_context, high, low)
 
 
 def loss_weights(cfg, args) -> dict:
-    lam = cfg["lambda"]
-    return {"lambda_high": lam["high"], "lambda_kl": lam["kl"], "lambda_low": lam["low"],
-            "lambda_align": lam["align"], "alpha": args.alpha}
+    return {**{f"lambda_{term}": weight for term, weight in cfg["lambda"].items()}, "alpha": args.alpha}
 
 
 def make_optimizer_for(model, cfg, args, steps_per_epoch):
@@ -591,10 +628,6 @@ def make_optimizer_for(model, cfg, args, steps_per_epoch):
 
 def train_epoch(model, loader, optimizer, scheduler, cfg, args, device):
     return train_one_epoch(model, loader, optimizer, scheduler, device, args.precision, **loss_weights(cfg, args))
-
-
-def after_epoch(model, epoch, cfg, args, device, test_loader):
-    return "", None  # nothing to add to the epoch line, no record
 
 
 def evaluate_run(model, backbone, evals, loaders, class_text, cfg, args, device, perturbed=None):
@@ -610,18 +643,6 @@ def evaluate_run(model, backbone, evals, loaders, class_text, cfg, args, device,
     if perturbed is not None:
         metrics["robustness"] = result[1]
     return metrics
-
-
-def final_metrics(metrics, history, cfg, args):
-    return metrics
-
-
-def pictures(model, examples, cfg, args, new_figure) -> dict:
-    return {}  # confusion.png only (written by the run machinery)
-
-
-def prediction_extras(out, classnames) -> dict:
-    return {}
 
 
 def benchmark_parts(args, backbone, device, class_text) -> dict:

@@ -26,11 +26,26 @@ on the project page and Table 1 could; each line names where the piece is drawn 
       anchor s+_y (figure: "s+_y - s-_c > m") or the fused logit (released)  -> `confusion_suppression_loss`
     training images: resize to S-2w, random-resized crop, flip (released)  -> `transforms`
     SGD, cosine to 0 over epochs x steps per epoch (released)  -> `make_optimizer`
+Ablations (Table 1's AttrVR row; the released ablation scripts), `BioMedVR(experts=, programs=, gate=)`:
+    AttrVR: one program, logits = s+, CE only (`--experts positive --beta 0`); no L_CS (`--beta 0`);
+    one program shared by both experts, L_CS kept (`--programs 1`, biomedvr_wo_confuse.py);
+    fixed gate g = (1/2, 1/2) (`--gate fixed`); the gate's own learning rate (`--gate-lr`).
 
 In your own code (README, "Use a method in your own code"): `attribute_banks(backbone,
 descriptions, distinctive, confusions)` from one list of sentences per class, `build_model(backbone,
 banks)`, then `train_step` (or `biomedvr_loss`) and `scheduler.step()` per batch. The model takes
 unnormalised [0, 1] images of S - 2w pixels (`transforms(S, w)`): it adds the frame, then normalises.
+
+The gate saturates (released behaviour, kept by default). Its two logits w share the programs' SGD
+(lr 40, momentum 0.9: a step size for pixels behind a sigmoid), while dCE/dw+ = -dCE/dw- =
+g+ g- mean_i(E_p[d_i] - d_iy), d = s+ - s- in logit units (CLIP's scale is 100): the first steps
+move w by several units, softmax(w) reaches 1.000/0.000 (or 0.000/1.000) within the first epoch,
+and there g+ g- ~ 0 stops its gradient for good. The losing expert then barely reaches the
+logits (delta- still learns from L_CS); it is not broken, it is gated out. `--gate-lr` gives the
+gate its own rate (same cosine): on synthetic data with the tiny backbones, 10 epochs of 4 steps,
+lr 40 gives 0.000/1.000 after the first epoch on both; --gate-lr 4 gives 0.030/0.970 (tiny) and
+0.549/0.451 (tiny-clip) after 10 epochs, --gate-lr 0.4 gives 0.320/0.680 and 0.390/0.610.
+`--gate fixed` keeps (1/2, 1/2).
 
 Deviations from the paper / official code (the released Table-1 script, `experiments/biomedvr.py`):
   * The reported number is the LAST epoch's test accuracy; the official code evaluates the test set
@@ -75,6 +90,9 @@ Deviations from the paper / official code (the released Table-1 script, `experim
     over 20:1 images are refused); the official loader uses PIL's convert("RGB"). Both give the same
     pixels for 8-bit RGB or grey files without an EXIF orientation tag.
   * Base-to-novel (`--subsample base`) is ours; the official code trains on all classes only.
+  * `--experts positive --beta 0` is AttrVR's method (one padding program, Des/Dist top-k scores,
+    CE), trained with this file's recipe: --epochs (400; AttrVR's released scripts run 200) and the
+    splits above. The class text must still hold confusion-aware attributes (they are not scored).
 """
 import dataclasses
 import random
@@ -90,6 +108,7 @@ import common
 from common import UserError, arg
 
 ATTRIBUTE_SETS = ("descriptions", "distinctive", "confusions")  # Des, Dist, Conf
+PROGRAM_TITLES = {"delta_plus": "delta+ (positive)", "delta_minus": "delta- (negative)", "delta": "delta (shared)"}
 
 
 # --------------------------------------------------------------------------- text side
@@ -129,17 +148,32 @@ def topk_score(z, bank, logit_scale: float, k: int):
 
 # --------------------------------------------------------------------------- the model
 class BioMedVR(nn.Module):
-    """Two padding programs, the frozen attribute banks, the gate. The frozen image tower is
-    passed in as a function and is not part of this module's state."""
+    """The programs, the frozen attribute banks, the gate. experts="both": program delta+ for the
+    positive expert and delta- for the negative one (programs=1: one program `delta` shared by
+    both), mixed by the learned gate (gate="fixed": g = (1/2, 1/2), nothing trained);
+    experts="positive": one program delta+ and the positive expert alone, no gate (AttrVR), where
+    `programs` and `gate` are not read. The frozen image tower is passed in as a function and is
+    not part of this module's state. forward(images) -> logits, s_plus, s_minus, gate (B, C), (2,);
+    s_minus and gate None for the positive expert alone."""
 
     def __init__(self, image_size, frame, mean, std, banks, logit_scale, topk, gate_init=1.0,
-                 image_tower=None):
+                 image_tower=None, experts="both", programs=2, gate="learned"):
         super().__init__()
+        if experts not in ("both", "positive") or programs not in (1, 2) or gate not in ("learned", "fixed"):
+            raise ValueError(f"experts {experts!r}, programs {programs!r} or gate {gate!r} is not one of "
+                             f"both|positive, 1|2, learned|fixed")
         S = image_size
         self.frame, self.logit_scale, self.topk, self.image_tower = frame, logit_scale, topk, image_tower
-        self.delta_plus = nn.Parameter(torch.zeros(3, S, S))   # positive expert's program
-        self.delta_minus = nn.Parameter(torch.zeros(3, S, S))  # negative expert's program
-        self.gate = nn.Parameter(torch.full((2,), float(gate_init)))  # w: logits of (g+, g-)
+        self.program_names = ("delta_plus",) if experts == "positive" else (
+            ("delta_plus", "delta_minus") if programs == 2 else ("delta",))
+        for name in self.program_names:  # zero-initialised, as released
+            setattr(self, name, nn.Parameter(torch.zeros(3, S, S)))
+        if experts == "positive":
+            self.gate = None
+        elif gate == "learned":
+            self.gate = nn.Parameter(torch.full((2,), float(gate_init)))  # w: logits of (g+, g-)
+        else:
+            self.register_buffer("gate", torch.zeros(2), persistent=False)  # softmax: exactly (1/2, 1/2)
         mask = torch.ones(1, S, S)
         mask[:, frame:S - frame, frame:S - frame] = 0  # M: 1 on the frame, 0 on the image
         self.register_buffer("mask", mask)
@@ -152,22 +186,28 @@ class BioMedVR(nn.Module):
         for field in ATTRIBUTE_SETS:
             self.register_buffer(field, banks[field].to(self.mask.device))
 
+    def programs(self):
+        """The learned frames sigmoid(delta) * M, in `program_names` order: (n, 3, S, S)."""
+        return torch.stack([getattr(self, name) for name in self.program_names]).sigmoid() * self.mask
+
     def reprogram(self, images):
-        """Padding VR: (B, 3, S-2w, S-2w) in [0, 1] -> (2B, 3, S, S) normalised, delta+ then delta-."""
+        """Padding VR: (B, 3, S-2w, S-2w) in [0, 1] -> (nB, 3, S, S) normalised, one block of B per
+        program (delta+ then delta-)."""
         w = self.frame
         x = F.pad(images, (w, w, w, w))  # (B, 3, S, S), zero frame
-        programs = torch.stack([self.delta_plus, self.delta_minus]).sigmoid() * self.mask  # (2, 3, S, S)
-        x = (x.unsqueeze(0) + programs.unsqueeze(1)).flatten(0, 1)  # (2, B, 3, S, S) -> (2B, 3, S, S)
+        x = (x.unsqueeze(0) + self.programs().unsqueeze(1)).flatten(0, 1)  # (n, B, 3, S, S) -> (nB, 3, S, S)
         return (x - self.mean) / self.std
 
     def forward(self, images):
         B = images.shape[0]
-        z = self.image_tower(self.reprogram(images))  # (2B, E): one pass for both experts
+        z = self.image_tower(self.reprogram(images))  # (nB, E): one pass for every program
         with torch.autocast(z.device.type, enabled=False):  # scores in fp32 under bf16 autocast
             z = F.normalize(z.float(), dim=-1)
-            z_plus, z_minus = z[:B], z[B:]  # (B, E) each
+            z_plus, z_minus = z[:B], z[-B:]  # (B, E) each; the same rows with one shared program
             s_plus = 0.5 * (topk_score(z_plus, self.descriptions, self.logit_scale, self.topk)
                             + topk_score(z_plus, self.distinctive, self.logit_scale, self.topk))  # (B, C)
+            if self.gate is None:  # the positive expert alone: its scores are the logits
+                return {"logits": s_plus, "s_plus": s_plus, "s_minus": None, "gate": None}
             s_minus = topk_score(z_minus, self.confusions, self.logit_scale, self.topk)  # (B, C)
             g = self.gate.softmax(0)  # (g+, g-)
             logits = g[0] * s_plus + g[1] * s_minus  # (B, C)
@@ -182,16 +222,18 @@ def frame_width(image_size: int, frame=None) -> int:
     return w
 
 
-def build_model(backbone, banks, frame=None, topk: int = 3, gate_init: float = 1.0):
+def build_model(backbone, banks, frame=None, topk: int = 3, gate_init: float = 1.0, experts: str = "both",
+                programs: int = 2, gate: str = "learned"):
     """BioMedVR on a frozen `common.Backbone` with attribute `banks` (from `attribute_banks`): the
     programs fit the backbone's input size S, frame width w = `frame_width(S, frame)`. The model
-    takes images (B, 3, S - 2w, S - 2w) in [0, 1], unnormalised (see `transforms`)."""
+    takes images (B, 3, S - 2w, S - 2w) in [0, 1], unnormalised (see `transforms`). `experts`,
+    `programs`, `gate`: the ablations, see `BioMedVR`."""
     num_attr = banks["descriptions"].shape[0]
     if not 0 < topk <= num_attr:
         raise UserError(f"--topk {topk} must be between 1 and --num-attr {num_attr}")
     S = backbone.image_size
     return BioMedVR(S, frame_width(S, frame), backbone.mean, backbone.std, banks, backbone.logit_scale, topk,
-                    gate_init, image_tower=backbone.encode_image)
+                    gate_init, backbone.encode_image, experts, programs, gate)
 
 
 # --------------------------------------------------------------------------- losses
@@ -208,9 +250,14 @@ def confusion_suppression_loss(s_minus, anchor_scores, labels, margin: float):
 
 def biomedvr_loss(out, labels, beta: float = 0.3, margin: float = 0.5, cs_anchor: str = "positive"):
     """L = CE + beta L_CS from the model's output (logits, s_plus, s_minus, each (B, C)); the L_CS
-    anchor is s+_y ("positive", the paper's figure) or the fused logit of y ("fused", released)."""
+    anchor is s+_y ("positive", the paper's figure) or the fused logit of y ("fused", released).
+    The positive expert alone (s_minus None) has no L_CS: CE only, and beta must be 0 (ValueError)."""
     anchor = out["s_plus"] if cs_anchor == "positive" else out["logits"]
     ce = cross_entropy_loss(out["logits"], labels)
+    if out["s_minus"] is None:
+        if beta:
+            raise ValueError(f"beta={beta}, but a model without the negative expert has no L_CS: use beta=0")
+        return {"loss": ce, "ce": ce}
     cs = confusion_suppression_loss(out["s_minus"], anchor, labels, margin)
     return {"loss": ce + beta * cs, "ce": ce, "cs": cs}
 
@@ -231,10 +278,16 @@ def default_batch_size(shots: int) -> int:
     return 16 if shots == 1 else 64  # released: 64, or 16 at one shot
 
 
-def make_optimizer(model, epochs: int, steps_per_epoch: int, lr: float = 40.0, momentum: float = 0.9):
+def make_optimizer(model, epochs: int, steps_per_epoch: int, lr: float = 40.0, momentum: float = 0.9,
+                   gate_lr=None):
     """SGD on the programs and the gate (no weight decay), cosine annealing to 0 over every
-    iteration (call scheduler.step() after each step)."""
+    iteration (call scheduler.step() after each step). `gate_lr`: the learned gate's own rate, in
+    a parameter group of its own (annealed alike); None: `lr` for all, as released."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if gate_lr is not None:
+        if not isinstance(model.gate, nn.Parameter):
+            raise ValueError("gate_lr is the learned gate's rate, and this model learns no gate")
+        params = [{"params": [p for p in params if p is not model.gate]}, {"params": [model.gate], "lr": gate_lr}]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch, eta_min=0.0)
     return optimizer, scheduler
@@ -283,13 +336,13 @@ def evaluate(model, batches, device, precision="fp32"):
 
 @torch.no_grad()
 def draw_programs(model, images, titles, fig):
-    """Into a matplotlib Figure: the two learned frames alone (first column), then `images`
-    (n, 3, S - 2w, S - 2w) as the frozen image tower sees them under delta+ and delta-."""
-    seen = model.reprogram(images.to(model.mask.device)) * model.std + model.mean  # (2n, 3, S, S) in [0, 1]
-    frames = torch.stack([model.delta_plus, model.delta_minus]).sigmoid() * model.mask  # (2, 3, S, S)
+    """Into a matplotlib Figure: each learned frame alone (first column), then `images`
+    (n, 3, S - 2w, S - 2w) as the frozen image tower sees them under it, a row per program."""
+    seen = model.reprogram(images.to(model.mask.device)) * model.std + model.mean  # (pn, 3, S, S) in [0, 1]
+    frames = model.programs()  # (p, 3, S, S)
     n = len(images)
-    axes = fig.subplots(2, n + 1, squeeze=False)
-    for row, expert in enumerate(("delta+ (positive)", "delta- (negative)")):
+    axes = fig.subplots(len(frames), n + 1, squeeze=False)
+    for row, expert in enumerate(PROGRAM_TITLES[name] for name in model.program_names):
         panels = [frames[row]] + [seen[row * n + i] for i in range(n)]
         for ax, image, title in zip(axes[row], panels, ["frame alone"] + list(titles)):
             ax.imshow(image.clamp(0, 1).permute(1, 2, 0).cpu().numpy())  # (S, S, 3)
@@ -314,15 +367,34 @@ class Args:  # the method's knobs; runner.py adds the experiment (--dataset, --s
     margin: float = arg(0.5, "margin of L_CS in logit units (official: 0.5)")
     cs_anchor: str = arg("positive", "L_CS anchor: positive = s+_y (the paper's figure), fused = fused "
                          "logit of y (the released Table-1 script; run.sh tables biomedvr)", ["positive", "fused"])
+    experts: str = arg("both", "both: the positive and the negative expert, gated; positive: the positive expert "
+                       "alone, one program, no gate (with --beta 0: AttrVR as released)", ["both", "positive"])
+    programs: int = arg(2, "programs: 2 (delta+, delta-), or 1 shared by both experts (the released "
+                        "biomedvr_wo_confuse.py ablation)", [1, 2])
+    gate: str = arg("learned", "learned: g = softmax(w), w trained; fixed: g = (1/2, 1/2), nothing trained",
+                    ["learned", "fixed"])
     # optimisation
     epochs: int = arg(400, "training epochs (official: 400)", at_least=1)
     batch_size: int = arg(None, "batch size; none = 64, or 16 at one shot (official)", at_least=1)
     lr: float = arg(40.0, "SGD learning rate, cosine to 0 per iteration (official: 40)", above=0)
     momentum: float = arg(0.9, "SGD momentum (official: 0.9; no weight decay)", at_least=0, below=1)
+    gate_lr: float = arg(None, "the gate's own learning rate, cosine alike; none: --lr, as released (which "
+                         "saturates the gate within the first epoch: see the docstring)", above=0)
     # evaluation
     eval_every: int = arg(0, "also evaluate the test set every N epochs (0: only at the end); "
                           "the best of these is reported as test-selected", at_least=0, resume_may_differ=True)
 
+    def check(self):
+        """Flags that contradict each other (the run machinery calls this with the range checks)."""
+        if self.experts == "positive":
+            given = [flag for flag, on in (("--beta > 0", self.beta > 0), ("--programs 1", self.programs == 1),
+                                           ("--gate fixed", self.gate == "fixed"), ("--gate-lr", self.gate_lr))
+                     if on]
+            if given:
+                raise UserError(f"--experts positive has one program, no gate and no confusion-suppression loss: "
+                                f"leave out {', '.join(given)} (with --beta 0 it is AttrVR)")
+        elif self.gate == "fixed" and self.gate_lr is not None:
+            raise UserError("--gate fixed trains no gate, so --gate-lr has nothing to set: leave one out")
 
 
 # What the run machinery (runner.py: run folders, resume, --eval-only, --predict, --benchmark)
@@ -332,7 +404,14 @@ TRAINABLE_GROUPS = ()
 
 
 def run_name(args) -> str:
-    return "biomedvr" if args.cs_anchor == "positive" else "biomedvr-fused"
+    """biomedvr[-fused] and a suffix per ablation switch off its default (run.sh's method_dir says
+    the same), so that an ablation never shares a run folder with the full method."""
+    name = "biomedvr" if args.cs_anchor == "positive" else "biomedvr-fused"
+    name += "-positive" if args.experts == "positive" else ""
+    name += "-shared-program" if args.programs == 1 else ""
+    name += "-fixed-gate" if args.gate == "fixed" else ""
+    name += f"-gate-lr{args.gate_lr:g}" if args.gate_lr is not None else ""
+    return name + ("-no-cs" if args.beta == 0 else "")
 
 
 def configure(args, backbone, class_text) -> dict:
@@ -357,7 +436,8 @@ def build(backbone, classnames, class_text, cfg, args, support=None):
     """The model for `classnames`, its attribute banks drawn with the run's seed (so evaluation and
     prediction redraw the training banks)."""
     banks = class_banks(backbone, class_text, classnames, args)
-    return build_model(backbone, banks, cfg["frame"], args.topk, args.gate_init)
+    return build_model(backbone, banks, cfg["frame"], args.topk, args.gate_init, args.experts, args.programs,
+                       args.gate)
 
 
 def class_banks(backbone, class_text, classnames, args):
@@ -371,7 +451,7 @@ def loss_options(args) -> dict:
 
 
 def make_optimizer_for(model, cfg, args, steps_per_epoch):
-    return make_optimizer(model, args.epochs, steps_per_epoch, args.lr, args.momentum)
+    return make_optimizer(model, args.epochs, steps_per_epoch, args.lr, args.momentum, args.gate_lr)
 
 
 def train_epoch(model, loader, optimizer, scheduler, cfg, args, device):
@@ -380,27 +460,31 @@ def train_epoch(model, loader, optimizer, scheduler, cfg, args, device):
 
 def after_epoch(model, epoch, cfg, args, device, test_loader):
     """The gate on the epoch line; with --eval-every, the test accuracy (a record for the history)."""
-    gate = model.gate.detach().softmax(0).tolist()
-    extra, record = f"gate {gate[0]:.3f}/{gate[1]:.3f}", None
+    gate = gate_values(model)
+    extra, record = f"gate {gate[0]:.3f}/{gate[1]:.3f}" if gate else "", None
     if args.eval_every and epoch % args.eval_every == 0 and epoch < args.epochs:
         accuracy = evaluate(model, test_loader, device, args.precision)["accuracy"]
         record = {"epoch": epoch, "test_accuracy": accuracy}
         extra += f" test_acc {accuracy:.2f}"
-    return extra, record
+    return extra.strip(), record
+
+
+def gate_values(model):
+    """(g+, g-) as floats; None for the positive expert alone."""
+    return None if model.gate is None else model.gate.detach().softmax(0).tolist()
 
 
 def evaluate_run(model, backbone, evals, loaders, class_text, cfg, args, device, perturbed=None):
-    """{"test"} or {"base", "novel", "harmonic_mean"}, plus the learned gate (g+, g-). Novel
-    classes: the same programs and gate with attribute banks drawn for the novel class names."""
-    gate = model.gate.detach().softmax(0).tolist()
+    """{"test"} or {"base", "novel", "harmonic_mean"}, plus the gate (g+, g-) where there is one.
+    Novel classes: the same programs and gate with attribute banks drawn for the novel class names."""
+    gate = {"gate": gate_values(model)} if model.gate is not None else {}
     if args.subsample != "base":
-        return {"test": evaluate(model, loaders["test"], device, args.precision), "gate": gate}
+        return {"test": evaluate(model, loaders["test"], device, args.precision), **gate}
     metrics = {"base": evaluate(model, loaders["base"], device, args.precision)}
     model.set_attributes(class_banks(backbone, class_text, evals["novel"].classnames, args))
     metrics["novel"] = evaluate(model, loaders["novel"], device, args.precision)
     metrics["harmonic_mean"] = common.harmonic_mean(metrics["base"]["accuracy"], metrics["novel"]["accuracy"])
-    metrics["gate"] = gate
-    return metrics
+    return {**metrics, **gate}
 
 
 def final_metrics(metrics, history, cfg, args):
@@ -416,30 +500,34 @@ def final_metrics(metrics, history, cfg, args):
 def pictures(model, examples, cfg, args, new_figure) -> dict:
     """programs.png: the learned frames and a few training images under them."""
     images, titles = examples()
-    return {"programs.png": draw_programs(model, images, titles, new_figure(1.5 * (len(titles) + 1), 3.3))}
+    size = (1.5 * (len(titles) + 1), 1.65 * len(model.program_names))
+    return {"programs.png": draw_programs(model, images, titles, new_figure(*size))}
 
 
 def prediction_extras(out, classnames) -> dict:
-    """Per image: the top class of each expert, and the gate."""
-    gate = "/".join(f"{g:.3f}" for g in out["gate"].tolist())
-    return {"positive_expert": [classnames[i] for i in out["s_plus"].argmax(-1).tolist()],
-            "negative_expert": [classnames[i] for i in out["s_minus"].argmax(-1).tolist()],
-            "gate": [gate] * len(out["logits"])}
+    """Per image: the top class of each expert, and the gate (the positive expert alone: its class)."""
+    extras = {"positive_expert": [classnames[i] for i in out["s_plus"].argmax(-1).tolist()]}
+    if out["gate"] is not None:
+        gate = "/".join(f"{g:.3f}" for g in out["gate"].tolist())
+        extras.update(negative_expert=[classnames[i] for i in out["s_minus"].argmax(-1).tolist()],
+                      gate=[gate] * len(out["logits"]))
+    return extras
 
 
 def benchmark_parts(args, backbone, device, class_text) -> dict:
     """One training step on a batch (default 4) against the floor: the bare frozen image tower's
-    forward and backward to the input on the 2B reprogrammed images; then inference on the batch
-    against two bare forward passes. Random attribute banks: the text side is precomputed."""
+    forward and backward to the input on the nB reprogrammed images (n programs); then inference
+    on the batch against the bare forward pass. Random attribute banks: the text side is precomputed."""
     S, B, C = backbone.image_size, args.batch_size or 4, 4
     banks = {f: F.normalize(torch.randn(args.num_attr, C, backbone.embed_dim, device=device), dim=-1)
              for f in ATTRIBUTE_SETS}
     w = frame_width(S, args.frame)
-    model = build_model(backbone, banks, w, args.topk, args.gate_init).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    model = build_model(backbone, banks, w, args.topk, args.gate_init, args.experts, args.programs,
+                        args.gate).to(device)
+    optimizer, _ = make_optimizer(model, 1, 1, args.lr, args.momentum, args.gate_lr)
     images = torch.rand(B, 3, S - 2 * w, S - 2 * w, device=device)
     labels = torch.randint(0, C, (B,), device=device)
-    floor_input = torch.rand(2 * B, 3, S, S, device=device, requires_grad=True)
+    floor_input = torch.rand(len(model.program_names) * B, 3, S, S, device=device, requires_grad=True)
 
     def step():
         train_step(model, images, labels, optimizer, args.precision, **loss_options(args))

@@ -1,6 +1,7 @@
 """Summaries of finished runs: tables (markdown and CSV) and the sweep pictures.
 
     python report.py runs/          # writes runs/summary.md, summary.csv, fewshot.png, base2novel.png
+    python report.py --published    # the papers' published tables, their sources, what differs
 
 Tables per folder and method: zero-shot (three scorings, with the published BiomedCLIP means),
 few-shot accuracy (datasets x shots, zero-shot at K=0, mean +- std over seeds, the average over
@@ -8,20 +9,30 @@ datasets), base-to-novel (base, novel, true harmonic mean and the arithmetic mea
 without BUSI), prompt robustness. Runs are found at any depth below the folder and grouped by the
 folder above <method>. The natural-image benchmarks (data.NATURAL, BioMedVR's Table 3) get their
 own few-shot table and their own averages, apart from the medical ones and your own datasets.
-Nothing imports this file; it reads only metrics.json files.
+Runs of a method's ablation switches (`run.sh ablations`: run folders <method>-<switches>) are
+also gathered into one ablation table per folder, method and K: rows the settings, columns the
+datasets and their average. Where a summary's runs follow a published protocol (same backbone,
+shots and method settings: `PROTOCOLS`), the published figure and our difference are printed
+beside ours; `python report.py --published` prints the published tables, their sources and what
+differs from our protocol.
+Nothing imports this file; it reads only metrics.json files (and the methods' defaults).
 """
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
+import biomedap
+import biomedvr
 import data
-from common import UserError, harmonic_mean
+from common import ALIASES, UserError, harmonic_mean
 from runner import OneLineParser, atomic_write_png, atomic_write_text, new_figure
 
 # BiomedCLIP's published zero-shot means ("a photo of a {}." on every dataset). The per-dataset
@@ -36,6 +47,228 @@ NATURAL_TITLE = "the natural-image benchmarks (BioMedVR's Table 3)"
 AVERAGES = {"average": False, "natural average": True}  # panel or row -> over the natural benchmarks?
 SCORINGS = ("photo_template", "clinical_template", "descriptions")
 ZERO_SHOT_COLUMN = "photo_template"  # K=0 of the few-shot tables and fewshot.png: as published
+
+
+# --------------------------------------------------------------------------- published numbers
+# What the papers publish and could be read (tables as printed; see --published for the sources).
+TABLE1_COLUMNS = {"busi": "BUSI", "kneexray": "Knee", "kvasir": "Kvasir", "lungcolon": "LungColon",
+                  "octmnist": "OCTMNIST", "btmri": "BTMRI", "chmnist": "CHMNIST", "covid": "COVID-19",
+                  "ctkidney": "CT-Kidney", "dermamnist": "DermaMNIST", "retina": "Retina"}
+PUBLISHED = {
+    "biomedvr-table1": {
+        "title": "BioMedVR Table 1: 16-shot top-1 accuracy (%), CLIP ViT-B/16",
+        "source": "BioMedVR project page (jxliu-ai.github.io/biomedvr-page), Table 1; BUSI, Knee and Kvasir "
+                  "also in the repository README (82.60, 45.74, 80.22, seed 1)",
+        "differs": "published: one seed (1), the best test accuracy over 400 epochs (selected on the test set), "
+                   "the authors' own splits (split_liu_*, not released); ours: BiomedCoOp's published splits, the "
+                   "mean of seeds 1-3, the last epoch's accuracy (--eval-every N records the test-selected best "
+                   "too); the AttrVR row's training budget is not stated (its released scripts run 200 epochs)",
+        "columns": list(TABLE1_COLUMNS), "average": True, "decimals": 1,
+        "rows": {"CoOp": (62.3, 27.5, 74.6, 80.6, 67.6, 79.2, 76.7, 73.0, 81.6, 43.6, 27.4, 63.6),
+                 "CoCoOp": (64.4, 30.6, 77.2, 89.4, 69.2, 80.4, 71.5, 76.2, 78.6, 44.6, 52.5, 66.6),
+                 "BiomedCoOp": (69.4, 30.6, 77.7, 91.5, 72.6, 81.6, 76.9, 77.4, 80.2, 50.9, 59.9, 71.5),
+                 "VP": (70.9, 41.2, 75.2, 90.8, 65.3, 61.8, 70.8, 67.3, 67.6, 64.6, 74.8, 68.2),
+                 "AR": (75.4, 39.6, 79.2, 94.3, 72.5, 73.5, 83.9, 76.3, 72.5, 59.6, 73.5, 72.6),
+                 "AttrVR": (76.0, 33.6, 79.5, 93.8, 80.4, 76.2, 85.4, 71.0, 71.6, 62.1, 71.5, 72.8),
+                 "BioMedVR": (82.6, 45.7, 80.2, 94.7, 80.3, 81.7, 84.5, 77.4, 74.0, 65.3, 74.1, 76.4)}},
+    "biomedap-fewshot": {
+        "title": "BiomedAP few-shot: average top-1 accuracy (%) over the 11 datasets, BiomedCLIP",
+        "source": "BiomedAP repository README (github.com/tongdiedie/BiomedAP); the baseline rows are "
+                  "Biomed-DPT's published numbers",
+        "differs": "the published numbers come from the released code (our --variant official; --variant "
+                   "paper is the method as the paper describes it); otherwise the protocol is ours too (3 seeds, "
+                   "the last epoch, BiomedCoOp's splits) but for the random draws of training (deviation 13 of "
+                   "biomedap.py); no per-dataset number is published, so only the average over all 11 compares",
+        "columns": ["K=1", "K=2", "K=4", "K=8", "K=16"], "average": False, "decimals": 2,
+        "rows": {"BiomedCoOp": (56.69, 58.58, 64.45, 68.84, 72.13), "Biomed-DPT": (59.03, 61.27, 66.12, 70.76, 73.51),
+                 "BiomedAP": (63.57, 64.89, 67.92, 71.21, 75.09)}},
+    "biomedap-base2novel": {
+        "title": "BiomedAP base-to-novel: average accuracy (%) over the 11 datasets, 16 shots, BiomedCLIP",
+        "source": "BiomedAP repository README (github.com/tongdiedie/BiomedAP)",
+        "differs": "published \"HM\" is the arithmetic mean of the two averages (the harmonic mean of 81.62 and "
+                   "78.42 is 79.99); the average includes BUSI, whose one novel class scores 100%; the released "
+                   "base-to-novel drivers put the class token in the middle (ours: at the end)",
+        "columns": ["base", "novel", "\"HM\" (arithmetic)"], "average": False, "decimals": 2,
+        "rows": {"BiomedCoOp": (76.16, 73.09, 74.62), "Biomed-DPT": (78.06, 75.97, 77.02),
+                 "BiomedAP": (81.62, 78.42, 80.02)}},
+}
+CLIP = ("clip", ALIASES["clip"])
+BIOMEDCLIP = ("biomedclip", ALIASES["biomedclip"])
+# A summary cell follows a published protocol when every run in it has this backbone, shots and
+# protocol, these settings, and every other setting of its method at the default (`free`: any).
+PROTOCOLS = (
+    {"table": "biomedvr-table1", "row": "BioMedVR", "method": biomedvr, "backbone": CLIP, "shots": (16,),
+     "protocol": "fewshot", "settings": {"cs_anchor": "fused"}, "free": ()},
+    {"table": "biomedvr-table1", "row": "AttrVR", "method": biomedvr, "backbone": CLIP, "shots": (16,),
+     "protocol": "fewshot", "settings": {"experts": "positive", "beta": 0}, "free": ("cs_anchor", "epochs")},
+    {"table": "biomedap-fewshot", "row": "BiomedAP", "method": biomedap, "backbone": BIOMEDCLIP,
+     "shots": (1, 2, 4, 8, 16), "protocol": "fewshot", "settings": {}, "free": ("variant",)},
+    {"table": "biomedap-base2novel", "row": "BiomedAP", "method": biomedap, "backbone": BIOMEDCLIP,
+     "shots": (16,), "protocol": "base2novel", "settings": {}, "free": ("variant",)},
+)
+
+
+def published_text() -> str:
+    """The published tables (`PUBLISHED`), each with its source and what differs from our protocol."""
+    lines = []
+    for table in PUBLISHED.values():
+        names = [TABLE1_COLUMNS.get(c, c) for c in table["columns"]] + (["average"] if table["average"] else [])
+        lines += [f"## {table['title']}", "", "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {row} | " + " | ".join(f"{v:.{table['decimals']}f}" for v in values) + " |"
+                  for row, values in table["rows"].items()]
+        lines += ["", f"Source: {table['source']}.", f"What differs from ours: {table['differs']}.", ""]
+    return "\n".join(lines)
+
+
+def _follows(spec, key, seeds) -> bool:
+    """Whether every run of a summary cell (`key` = folder, method, dataset, shots, protocol) follows
+    the published protocol `spec`. Runs without recorded arguments never do."""
+    _, method, dataset, shots, protocol = key
+    if protocol != spec["protocol"] or shots not in spec["shots"] or not method.startswith(spec["method"].NAME):
+        return False
+    fields = [f for f in dataclasses.fields(spec["method"].Args) if not f.metadata.get("resume_may_differ")]
+    wanted = {f.name: spec["settings"].get(f.name, f.default if f.default is not dataclasses.MISSING
+                                           else f.default_factory()) for f in fields if f.name not in spec["free"]}
+    return all(r.get("_args") and r["_args"].get("backbone") in spec["backbone"]
+               and all(r["_args"].get(name, default) == default for name, default in wanted.items())
+               for r in seeds.values())
+
+
+def _published_beside(folder, method, cells, rows) -> list:
+    """Lines with the published figure and our difference for the cells {key: {seed: metrics}} of
+    one (folder, method) that follow a published protocol."""
+    lines = []
+    for spec in PROTOCOLS:
+        table = PUBLISHED[spec["table"]]
+        published = dict(zip(table["columns"], table["rows"][spec["row"]]))
+        mine = {k: v for k, v in cells.items() if _follows(spec, k, v)}
+        if not mine:
+            continue
+        head = f"{table['title']}, {spec['row']} row ({table['source'].split(';')[0]})"
+        if spec["table"] == "biomedvr-table1":
+            lines += [f"**Published beside ours**: {head}. {table['differs'][0].upper()}{table['differs'][1:]}.", "",
+                      "| dataset | ours, last epoch | ours, best epoch (test-selected) | published | last − published "
+                      "| best − published |", "|---|---|---|---|---|---|"]
+            ours, best_of = {}, {}
+            for (_, _, d, k, _), seeds in sorted(mine.items(), key=lambda kv: list(TABLE1_COLUMNS).index(kv[0][2])
+                                                  if kv[0][2] in TABLE1_COLUMNS else 99):
+                if d not in published:
+                    continue
+                m, s = _mean_std([r["test"]["accuracy"] for r in seeds.values()])
+                best = [r.get("best_test_accuracy_test_selected", {}).get("accuracy") for r in seeds.values()]
+                ours[d] = m
+                if all(b is not None for b in best):
+                    best_of[d] = float(np.mean(best))
+                best_cells = (f"{best_of[d]:.2f}", f"{best_of[d] - published[d]:+.2f}") if d in best_of else ("–", "–")
+                lines.append(f"| {d} | {m:.2f} ± {s:.2f} ({len(seeds)}) | {best_cells[0]} | {published[d]:.1f} | "
+                             f"{m - published[d]:+.2f} | {best_cells[1]} |")
+                rows.append([folder, method, "published", d, k, f"{spec['row']}_published", f"{published[d]}", "", ""])
+            if ours:
+                pub, mean = np.mean([published[d] for d in ours]), np.mean(list(ours.values()))
+                best = np.mean(list(best_of.values())) if len(best_of) == len(ours) else None
+                printed = f" (printed {table['rows'][spec['row']][-1]:.1f})" if len(ours) == 11 else ""
+                lines.append(f"| **average** ({len(ours)} of 11) | {mean:.2f} | "
+                             f"{'–' if best is None else f'{best:.2f}'} | {pub:.2f}{printed} | {mean - pub:+.2f} | "
+                             f"{'–' if best is None else f'{best - pub:+.2f}'} |")
+            lines.append("")
+        else:
+            lines += [f"**Published beside ours**: {head}. {table['differs'][0].upper()}{table['differs'][1:]}.", ""]
+            for k in sorted({key[3] for key in mine}):
+                per = {key[2]: seeds for key, seeds in mine.items() if key[3] == k and key[2] in data.MEDICAL}
+                lines.append(_published_average(spec, k, per, published))
+            lines.append("")
+    return lines
+
+
+def _published_average(spec, shots, per_dataset, published) -> str:
+    """One line: our average over the medical benchmarks of a protocol's cells, the published one,
+    and the difference (only over all 11 datasets: no per-dataset number is published)."""
+    n = len(per_dataset)
+    mean = lambda block: float(np.mean([np.mean([r[block]["accuracy"] for r in seeds.values()])  # noqa: E731
+                                        for seeds in per_dataset.values()]))
+    if spec["protocol"] == "fewshot":
+        ours, pub = mean("test"), published[f"K={shots}"]
+        diff = f"ours − published {ours - pub:+.2f}" if n == 11 else "no difference: the published one averages 11"
+        return f"- K={shots}: ours {ours:.2f} over {n} of 11 datasets; published {pub:.2f}; {diff}"
+    base, novel = mean("base"), mean("novel")
+    pub_base, pub_novel, pub_hm = published["base"], published["novel"], published["\"HM\" (arithmetic)"]
+    text = (f"- K={shots}: ours base {base:.2f} novel {novel:.2f} \"HM\" (arithmetic) {(base + novel) / 2:.2f} "
+            f"(harmonic {harmonic_mean(base, novel):.2f}) over {n} of 11 datasets; published base {pub_base:.2f} "
+            f"novel {pub_novel:.2f} \"HM\" {pub_hm:.2f} (harmonic {harmonic_mean(pub_base, pub_novel):.2f})")
+    if n < 11:
+        return text + "; no difference: the published one averages 11"
+    return text + (f"; ours − published: base {base - pub_base:+.2f} novel {novel - pub_novel:+.2f} "
+                   f"\"HM\" {(base + novel) / 2 - pub_hm:+.2f}")
+
+
+# --------------------------------------------------------------------------- ablation tables
+ABLATION_BASES = ("biomedap-official", "biomedap", "biomedvr-fused", "biomedvr")  # longest first
+ABLATION_ROWS = (  # a run-folder suffix of the methods' run_name -> its row, in the sweep's order
+    (r"no-fusion", "w/o fusion (and L_align)"), (r"fusion(\d+(?:-\d+)*)", "fusion at blocks {}"),
+    (r"no-high", "w/o L_high (high anchor)"), (r"no-low", "w/o L_low (low anchor)"), (r"no-kl", "w/o L_kl"),
+    (r"no-align", "w/o L_align"), (r"no-confidence", "w/o confidence weight (alpha 0)"),
+    (r"low-(\w+)", "low anchor: {}"),
+    (r"no-cs", "w/o L_CS (beta 0)"), (r"shared-program", "one program for both experts"),
+    (r"fixed-gate", "fixed gate (1/2, 1/2)"), (r"gate-lr(\d[\d.]*(?:e[+-]\d+)?)", "gate lr {}"),
+    (r"positive-no-cs", "w/o negative expert and L_CS (AttrVR)"), (r"positive", "positive expert only"),
+)
+
+
+def ablation_row(method):
+    """(base method, row label, sort key) of a run folder name, or None for another method's."""
+    base = next((b for b in ABLATION_BASES if method == b or method.startswith(b + "-")), None)
+    if base is None:
+        return None
+    rest, labels, order = method[len(base) + 1:], [], []
+    while rest:
+        for i, (pattern, label) in enumerate(ABLATION_ROWS):
+            found = re.match(pattern + r"(?:-|$)", rest)
+            if found:
+                labels.append(label.format(*found.groups()))
+                order.append(i)
+                rest = rest[found.end():]
+                break
+        else:
+            return base, method[len(base) + 1:], (len(ABLATION_ROWS),)  # not a switch of ours: as it is
+    return base, ", ".join(labels) or f"{base} (full method)", tuple(order)
+
+
+def _ablation_tables(folder, runs, rows) -> list:
+    """Per method (with its variant) and K, when the folder holds any of its ablations: a row per
+    setting, a column per dataset (mean over seeds) and their average; with the published rows of
+    a protocol those runs follow."""
+    groups = {}
+    for key, seeds in runs.items():
+        parsed = ablation_row(key[1]) if key[0] == folder and key[4] == "fewshot" else None
+        if parsed:
+            groups.setdefault((parsed[0], key[3]), {}).setdefault(parsed[1:], {})[key] = seeds
+    lines = []
+    for (base, k), by_row in sorted(groups.items()):
+        if len(by_row) < 2:
+            continue
+        datasets = sorted({key[2] for cells in by_row.values() for key in cells},
+                          key=lambda d: (list(TABLE1_COLUMNS).index(d) if d in TABLE1_COLUMNS else 99, d))
+        lines += [f"## {_label(folder, base)}: ablations, K={k}, accuracy (%), mean over seeds", "",
+                  "| setting | " + " | ".join(datasets) + " | average |", "|---|" + "---|" * (len(datasets) + 1)]
+        followed = []
+        for (label, _), cells in sorted(by_row.items(), key=lambda kv: kv[0][1]):
+            means = {key[2]: float(np.mean([r["test"]["accuracy"] for r in seeds.values()]))
+                     for key, seeds in cells.items()}
+            average = f"{np.mean(list(means.values())):.2f}" + (f" ({len(means)})" if len(means) < len(datasets) else "")
+            lines.append(f"| {label} | " + " | ".join(f"{means[d]:.2f}" if d in means else "–" for d in datasets)
+                         + f" | {average} |")
+            rows += [[folder, f"{base} ({label})", "ablation", d, k, "accuracy", f"{m:.4f}", "", ""]
+                     for d, m in means.items()]
+            followed += [spec for spec in PROTOCOLS if spec["table"] == "biomedvr-table1"
+                         and any(_follows(spec, key, seeds) for key, seeds in cells.items())]
+        for spec in followed:  # the published row of a protocol these runs follow, on the same columns
+            published = dict(zip(TABLE1_COLUMNS, PUBLISHED[spec["table"]]["rows"][spec["row"]]))
+            values = [published.get(d) for d in datasets]
+            known = [v for v in values if v is not None]
+            lines.append(f"| *{spec['row']}, published (Table 1)* | " + " | ".join(
+                f"{v:.1f}" if v is not None else "–" for v in values) + f" | {np.mean(known):.2f} |")
+        lines.append("")
+    return lines
 
 
 def _run_key(parts):
@@ -69,7 +302,8 @@ def _collect(root: Path):
             print(f"skipping {path}: not in a <method>/<dataset>/<K>shot/seed<S>/ folder", file=sys.stderr)
             continue
         try:
-            metrics = json.loads(path.read_text())["metrics"]
+            record = json.loads(path.read_text())
+            metrics = record["metrics"]
             if key[1] == "zeroshot" and "test" in metrics:  # written before the scorings had names
                 metrics = {"clinical_template": metrics.pop("test"), **metrics}
             blocks = ("test",) if key[4] != "base2novel" else ("base", "novel")
@@ -80,6 +314,7 @@ def _collect(root: Path):
         except (ValueError, KeyError, TypeError, IndexError, AssertionError):
             print(f"skipping {path}: not a readable metrics.json", file=sys.stderr)
             continue
+        metrics["_args"] = record.get("args")  # the run's settings: which published protocol it follows
         runs.setdefault(key[:5], {})[key[5]] = metrics
     return runs
 
@@ -122,6 +357,7 @@ def summarize(root="runs") -> str:
                 part = {k: v for k, v in few.items() if (k[2] in data.NATURAL) == natural}
                 if part:
                     lines += _fewshot_table(folder, method, part, zero, rows, natural)
+                    lines += _published_beside(folder, method, part, rows) if not natural else []
             if few:
                 lines += _robustness_table(folder, method, few, rows)
             b2n = {k: v for k, v in runs.items() if k[:2] == (folder, method) and k[4] == "base2novel"}
@@ -149,6 +385,8 @@ def summarize(root="runs") -> str:
                                      f"{harmonic_mean(base, novel):.2f} (mean of per-dataset HM {mean_hm:.2f}) | "
                                      f"{(base + novel) / 2:.2f} |")
                 lines.append("")
+                lines += _published_beside(folder, method, b2n, rows)
+        lines += _ablation_tables(folder, runs, rows)
     text = "\n".join(lines) if runs else f"no finished runs under {root}"
     atomic_write_text(root / "summary.md", text + "\n")
     try:
@@ -390,9 +628,11 @@ def main(argv=None):
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs_dir", nargs="?", default="runs", metavar="RUNS_DIR",
                         help="the folder holding the run folders, at any depth (default: runs)")
+    parser.add_argument("--published", action="store_true",
+                        help="print the papers' published tables, their sources and what differs from ours")
     args = parser.parse_args(argv)
     try:
-        print(summarize(args.runs_dir))
+        print(published_text() if args.published else summarize(args.runs_dir))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -5,21 +5,27 @@
 #   bash run.sh fewshot    METHOD [DATASETS] [SHOTS] [SEEDS] [--dry-run] [-- FLAGS...]
 #   bash run.sh base2novel METHOD [DATASETS] [SEEDS]         [--dry-run] [-- FLAGS...]
 #   bash run.sh robustness METHOD [DATASETS] [SHOTS] [SEEDS] [--dry-run] [-- FLAGS...]
+#   bash run.sh ablations  METHOD DATASETS [SHOTS] [SEEDS]   [--dry-run] [-- FLAGS...]
 #   bash run.sh tables     METHOD|biomedvr-natural           [--dry-run] [-- FLAGS...]
 #   bash run.sh zeroshot   [DATASETS]                        [--dry-run] [-- FLAGS...]
 #   bash run.sh summarize  [RUNS_DIR]
 #
 # METHOD is biomedap or biomedvr. SHOTS and SEEDS are quoted lists ("1 2 4" or 1,2,4) or "all"
-# for the defaults: shots 1 2 4 8 16 (16 for base2novel), seeds 1 2 3. DATASETS is "all" (the 11
-# medical benchmarks), "natural" (the 7 natural-image ones, in CoOp's data folder), one benchmark
-# name or folder path (a path that is a folder is taken whole, spaces and all), or a list:
-# separated by commas or newlines when it has any ("btmri,/data/my scans"), else by spaces
-# ("btmri busi"). FLAGS after "--" go to every job (e.g. -- --variant official
+# for the defaults: shots 1 2 4 8 16 (16 for base2novel, robustness and ablations), seeds 1 2 3.
+# DATASETS is "all" (the 11 medical benchmarks), "natural" (the 7 natural-image ones, in CoOp's
+# data folder), one benchmark name or folder path (a path that is a folder is taken whole, spaces
+# and all), or a list: separated by commas or newlines when it has any ("btmri,/data/my scans"),
+# else by spaces ("btmri busi"). FLAGS after "--" go to every job (e.g. -- --variant official
 # --root /data) and mean the same to the sweep: --out (or --out=) is where it looks for finished
-# runs and writes the summary, --backbone, --variant, --cs-anchor and --class-text pick the run folders.
-# `tables` is exactly the runs of the published tables: BiomedAP's few-shot table (K=1..16)
-# and base-to-novel table, BioMedVR's 16-shot table (Table 1), and with biomedvr-natural its
-# Table 3: the natural-image benchmarks, 16 shots, on CLIP ViT-B/16 (--backbone clip).
+# runs and writes the summary; --backbone, --variant, --cs-anchor, --class-text and the ablation switches pick
+# the run folders. `ablations` runs a method's ablation table, one job per row: the full method
+# and each component removed (BiomedAP: the fusion, each loss term, the confidence weight, then
+# every other low anchor; BioMedVR: L_CS, the second program, the learned gate, and the negative
+# expert, which is the AttrVR row); a row's own switches win over FLAGS. `tables` is exactly the
+# runs of the published tables: BiomedAP's few-shot table (K=1..16) and base-to-novel table,
+# BioMedVR's Table 1 (16 shots, the released loss --cs-anchor fused, on the paper's CLIP ViT-B/16,
+# --backbone clip; "-- --backbone biomedclip" runs the same sweep on BiomedCLIP, summarised apart),
+# and with biomedvr-natural its Table 3: the natural-image benchmarks, the same protocol.
 # Finished runs (metrics.json present) are skipped and unfinished ones resumed, so an
 # interrupted sweep continues where it stopped. GPUS="0 1 2 3" runs one job per GPU at a
 # time; --dry-run prints the jobs, one command a line (for GNU parallel or a SLURM array).
@@ -36,7 +42,7 @@ NATURAL_DATASETS="caltech101 food101 dtd eurosat oxford_pets oxford_flowers ucf1
 ALL_SHOTS="1 2 4 8 16"
 ALL_SEEDS="1 2 3"
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 pick() { if [[ -z "${1:-}" || "$1" == "all" ]]; then echo "$2"; else echo "${1//,/ }"; fi; }
 pick_datasets() {  # DATASETS -> the array DS (see the header for the rules)
   local arg=${1:-all} item
@@ -81,11 +87,58 @@ backbone_dir() {  # "" for BiomedCLIP, else the backbone's folder (runner.backbo
   [[ $b == biomedclip || $b == hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 ]] || echo "${b//[^A-Za-z0-9._-]/_}/"
 }
 
-method_dir() {  # where a method's runs go: [<backbone>/][text-<hash>/]biomedap[-official] or ...biomedvr[-fused]
-  local m=$1
-  [[ $m == biomedap && $(flag_value --variant paper) == official ]] && m=biomedap-official
-  [[ $m == biomedvr && $(flag_value --cs-anchor positive) == fused ]] && m=biomedvr-fused
+flag_values() {  # FLAG: the values of a list flag (its words after its last use, up to the next --flag)
+  local out=() a on=0
+  for a in "${EXTRA[@]+"${EXTRA[@]}"}"; do
+    if [[ $a == "$1" ]]; then out=(); on=1
+    elif [[ $a == "$1="* ]]; then out=("${a#*=}"); on=0
+    elif [[ $a == --* ]]; then on=0
+    elif ((on)); then out+=("$a"); fi
+  done
+  echo "${out[*]-}"
+}
+number() { local n; n=$(LC_ALL=C printf '%g' "$1" 2>/dev/null) && echo "$n" || echo "$1"; }  # Python's format(x, "g")
+is_zero() { [[ ${1,,} != none && $(number "$1") =~ ^-?0$ ]]; }
+
+method_dir() {  # where a method's runs go, as runner.run_folder: [<backbone>/][text-<hash>/]biomedap[-official] or
+  local m=$1 v t b blocks=()  # biomedvr[-fused], then a suffix per ablation switch off its default
+  if [[ $m == biomedap ]]; then
+    local variant; variant=$(flag_value --variant paper)
+    [[ $variant == official ]] && m=biomedap-official
+    v=$(flag_values --fusion-layers)
+    if [[ ${v,,} == none ]]; then m+=-no-fusion
+    elif [[ -n $v ]]; then
+      for b in $v; do [[ $b =~ ^[0-9]+$ ]] && b=$((10#$b)); blocks+=("$b"); done
+      m+=-fusion$(IFS=-; echo "${blocks[*]}")
+    fi
+    v=$(flag_value --low-anchor none)
+    [[ $v != none && $v != "$(low_default "$variant")" ]] && m+=-low-$v
+    for t in high low kl align; do is_zero "$(flag_value --lambda-$t none)" && m+=-no-$t; done
+    is_zero "$(flag_value --alpha 1)" && m+=-no-confidence
+  elif [[ $m == biomedvr ]]; then
+    [[ $(flag_value --cs-anchor positive) == fused ]] && m=biomedvr-fused
+    [[ $(flag_value --experts both) == positive ]] && m+=-positive
+    [[ $(number "$(flag_value --programs 2)") == 1 ]] && m+=-shared-program
+    [[ $(flag_value --gate learned) == fixed ]] && m+=-fixed-gate
+    v=$(flag_value --gate-lr none); [[ ${v,,} != none ]] && m+=-gate-lr$(number "$v")
+    is_zero "$(flag_value --beta 0.3)" && m+=-no-cs
+  fi
   echo "$(backbone_dir)$TEXT_DIR$m"
+}
+low_default() { [[ $1 == official ]] && echo minimal || echo prototypes; }  # biomedap.DEFAULT_LOW_ANCHOR
+
+ablation_rows() {  # METHOD: a line per row of its ablation table, the row's own flags (none: the full method)
+  local low variant
+  if [[ $1 == biomedap ]]; then
+    variant=$(flag_value --variant paper)
+    printf '%s\n' "" "--fusion-layers none" "--lambda-high 0" "--lambda-low 0" "--lambda-kl 0" "--lambda-align 0"
+    [[ $variant == paper ]] && echo "--alpha 0"  # the confidence weight (the official variant has none)
+    for low in prototypes minimal article generic medical empty; do
+      [[ $low == "$(low_default "$variant")" ]] || echo "--low-anchor $low"
+    done
+  else  # L_CS, the second program, the learned gate, the negative expert (= AttrVR)
+    printf '%s\n' "" "--beta 0" "--programs 1" "--gate fixed" "--experts positive --beta 0"
+  fi
 }
 
 CLASS_TEXT=$(flag_value --class-text "")  # runs on other class text: text-<8 hex digits of its SHA-256>/
@@ -191,7 +244,7 @@ case "$CMD" in
       biomedap) pick_datasets all
                 sweep biomedap fewshot "$ALL_SHOTS" "$ALL_SEEDS"
                 sweep biomedap base2novel 16 "$ALL_SEEDS" ;;
-      biomedvr) EXTRA=(--cs-anchor fused "${EXTRA[@]+"${EXTRA[@]}"}")  # the released Table-1 loss
+      biomedvr) EXTRA=(--cs-anchor fused --backbone clip "${EXTRA[@]+"${EXTRA[@]}"}")  # the released loss, the paper's backbone
                 pick_datasets all
                 sweep biomedvr fewshot 16 "$ALL_SEEDS" ;;
       biomedvr-natural)  # Table 3: the released loss on the paper's backbone; flags after -- still win
@@ -200,6 +253,19 @@ case "$CMD" in
                 sweep biomedvr fewshot 16 "$ALL_SEEDS" ;;
       *) echo "error: tables needs biomedap, biomedvr or biomedvr-natural" >&2; exit 2 ;;
     esac
+    run_jobs ;;
+  ablations)  # the rows of the method's ablation table, each over DATASETS x SHOTS x SEEDS
+    [[ ${POS[1]:-} == biomedap || ${POS[1]:-} == biomedvr ]] || {
+      echo "error: ablations needs biomedap or biomedvr, not '${POS[1]:-}'" >&2; exit 2; }
+    [[ -n ${POS[2]:-} ]] || { echo "error: ablations needs DATASETS (a benchmark, a list or all)" >&2; exit 2; }
+    pick_datasets "${POS[2]}"
+    USER_EXTRA=("${EXTRA[@]+"${EXTRA[@]}"}")
+    while IFS= read -r row; do
+      read -ra ROW <<<"$row"
+      EXTRA=("${USER_EXTRA[@]+"${USER_EXTRA[@]}"}" "${ROW[@]+"${ROW[@]}"}")  # the row's switches win
+      sweep "${POS[1]}" fewshot "$(pick "${POS[3]:-}" 16)" "$(pick "${POS[4]:-}" "$ALL_SEEDS")"
+    done < <(ablation_rows "${POS[1]}")
+    EXTRA=("${USER_EXTRA[@]+"${USER_EXTRA[@]}"}")  # the setup check: the flags given
     run_jobs ;;
   zeroshot)  # the frozen backbone's zero-shot accuracy, the K=0 column of the summary
     pick_datasets "${POS[1]:-}"
@@ -211,6 +277,7 @@ case "$CMD" in
     run_jobs ;;
   summarize) $PYTHON report.py "${POS[1]:-$OUT}" ;;
   "") usage ;;
-  *) echo "error: unknown command '$CMD': use smoke, fewshot, base2novel, robustness, tables, zeroshot or summarize" >&2
+  *) echo "error: unknown command '$CMD': use smoke, fewshot, base2novel, robustness, ablations, tables, zeroshot" \
+          "or summarize" >&2
      exit 2 ;;
 esac

@@ -181,7 +181,7 @@ BOUNDS = {"at_least": (">=", operator.ge), "above": (">", operator.gt), "below":
 def validate_args(args) -> None:
     """Check every field against the range its `arg` declares, before anything is loaded: whole
     numbers where a bounded int is expected, every real number finite (a NaN would train to
-    chance without a word)."""
+    chance without a word); then the method's own rules between its flags (`Args.check`)."""
     for f in dataclasses.fields(args):
         value, meta, flag = getattr(args, f.name), f.metadata, "--" + f.name.replace("_", "-")
         if isinstance(value, float) and not math.isfinite(value):
@@ -197,6 +197,8 @@ def validate_args(args) -> None:
             wanted = " and ".join(f"{BOUNDS[k][0]} {b}" for b, k in bounds)
             kind = "a whole number" if type(value) is int and f.type in (int, "int") else "a number"
             raise UserError(f"{flag} must be {kind} {wanted}, not {value}")
+    if hasattr(args, "check"):
+        args.check()
 
 
 def rng_state() -> dict:
@@ -329,10 +331,12 @@ class RunFolder:
 
 def check_resume(saved_args: dict, args) -> None:
     """Refuse to resume with a setting that changes the numbers: every field whose `arg` does not
-    say `resume_may_differ` (precision included)."""
-    changed = [f"--{f.name.replace('_', '-')} {saved_args.get(f.name)} -> {getattr(args, f.name)}"
-               for f in dataclasses.fields(args)
-               if not f.metadata.get("resume_may_differ") and saved_args.get(f.name) != getattr(args, f.name)]
+    say `resume_may_differ` (precision included). A field the checkpoint lacks (added since) had
+    its default."""
+    default = lambda f: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # noqa: E731
+    changed = [f"--{f.name.replace('_', '-')} {saved_args.get(f.name, default(f))} -> {getattr(args, f.name)}"
+               for f in dataclasses.fields(args) if not f.metadata.get("resume_may_differ")
+               and saved_args.get(f.name, default(f)) != getattr(args, f.name)]
     if changed:
         raise UserError(f"--resume with different settings ({', '.join(changed)}) than the checkpoint; "
                         f"use the run's settings or --overwrite")
@@ -614,8 +618,20 @@ def plot_confusion(metrics: dict, path: Path, classnames=None):
 # `configure(args, backbone, class_text)` (the resolved config, with "epochs"); `transforms_for(args,
 # backbone)` (train, test); `loader_settings(cfg, args)`; `build(backbone, classnames, class_text,
 # cfg, args, support=None)`; `make_optimizer_for(model, cfg, args, steps_per_epoch)`;
-# `train_epoch(...)`; `after_epoch(...)`; `evaluate_run(...)`; `final_metrics(...)`;
-# `pictures(...)`; `prediction_extras(out, classnames)`; `benchmark_parts(...)`.
+# `train_epoch(...)`; `evaluate_run(...)`; `benchmark_parts(...)`; and, optional (`hook`),
+# `after_epoch(...)`, `final_metrics(...)`, `pictures(...)`, `prediction_extras(out, classnames)`.
+# Its `Args` may define `check()`, the rules between its flags (`validate_args` calls it).
+OPTIONAL_HOOKS = {  # what a method without one of these gets
+    "after_epoch": lambda *a: ("", None),             # nothing added to the epoch line, no record
+    "final_metrics": lambda metrics, *a: metrics,     # the metrics as evaluated
+    "pictures": lambda *a: {},                        # confusion.png only
+    "prediction_extras": lambda *a: {}}               # nothing but the class probabilities
+
+
+def hook(method, name):
+    """The method module's optional hook `name`, or what OPTIONAL_HOOKS gives in its place."""
+    return getattr(method, name, None) or OPTIONAL_HOOKS[name]
+
 
 @dataclasses.dataclass
 class Setup:
@@ -697,7 +713,7 @@ def train(method, args):
             epoch_start = time.perf_counter()
             loader.sampler.set_epoch(epoch)  # the order and augmentations of this epoch
             stats = method.train_epoch(model, loader, optimizer, scheduler, cfg, args, device)
-            extra, record = method.after_epoch(model, epoch, cfg, args, device, test_loader)
+            extra, record = hook(method, "after_epoch")(model, epoch, cfg, args, device, test_loader)
             if record is not None:
                 history.append(record)
             check_finite(stats, epoch)
@@ -709,7 +725,7 @@ def train(method, args):
         run.phase = "evaluation"
         train_s, eval_start = time.perf_counter() - train_start, time.perf_counter()
         metrics = evaluate_setup(method, s, args, device)
-        metrics = method.final_metrics(metrics, history, cfg, args)
+        metrics = hook(method, "final_metrics")(metrics, history, cfg, args)
         timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": time.perf_counter() - eval_start}
         run.phase = "results"
         with ctrl_c_held():  # metrics.json, the pictures and the finished checkpoint, all or none
@@ -719,7 +735,7 @@ def train(method, args):
             if history:
                 extra["eval_history"] = history
             write_metrics(run.path, args, metrics, timings, extra, classnames_of(s.evals))
-            for name, figure in method.pictures(model, lambda: examples(s), cfg, args, new_figure).items():
+            for name, figure in hook(method, "pictures")(model, lambda: examples(s), cfg, args, new_figure).items():
                 atomic_write_png(figure, run.path / name)
             finish_checkpoint(run.path)
             print(summary_line(metrics), f"-> {run.path / 'metrics.json'}", flush=True)
@@ -774,12 +790,14 @@ def load_run(method, run_dir, device="cpu", backbone=None) -> "Predictor":
         raise UserError(f"{run_dir} is unfinished (epoch {ckpt['epoch']} of {cfg['epochs']}): finish it with --resume")
     model = method.build(backbone, classnames, text, cfg, args).to(device)
     load_trainable(model, ckpt["trainable"])
-    return Predictor(model, method.transforms_for(args, backbone)[1], classnames, device, method.prediction_extras)
+    return Predictor(model, method.transforms_for(args, backbone)[1], classnames, device,
+                     hook(method, "prediction_extras"))
 
 
 def benchmark(method, args) -> dict:
     """--benchmark: a training step and inference of `method` against the bare frozen towers
     (see `benchmark_report`), under --precision, on random inputs."""
+    validate_args(args)
     device = resolve_device(args.device)
     autocast(args.precision, device)  # refuses bf16 without CUDA before anything is loaded
     common.seed_everything(args.seed)

@@ -343,3 +343,98 @@ def test_official_dataset_layout_runs_end_to_end(run, tmp_path):
     assert metrics["test"]["n"] == 8 and (folder / "metrics.json").is_file()
     record = json.loads((folder / "metrics.json").read_text())
     assert record["config"]["n_ctx"] == 5 and record["config"]["lambda"]["low"] == 3.0
+
+
+# ------------------------------------------------------------------ the ablation switches
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_fusion_trains_no_fusion_module_and_drops_the_alignment_term(backbones, variant):
+    bb = backbones("tiny")
+    full, bare = make_model(bb, variant), make_model(bb, variant, fusion_layers=[])
+    assert full.fusion_layers == default_fusion_layers(bb.num_blocks) and bare.fusion_layers == []
+    trained = lambda m: {n for n, p in m.named_parameters() if p.requires_grad}  # noqa: E731
+    assert not any(n.startswith("fusion") for n in trained(bare)) and any(n.startswith("fusion") for n in trained(full))
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    assert count(bare) == expected_trainable(variant, bb.num_blocks, bb.image_width, bb.text_width, 4, [])
+    assert count(bare) < count(full)
+    if variant == "paper":  # every block then owns its deep prompt
+        assert bare.prompt_blocks == list(range(bb.num_blocks))
+    x, y = images_for(bb), torch.tensor([0, 1, 2, 3])
+    out = bare(x, context=bare.prompt_learner.class_context()[y])
+    assert out["fused_text"] == []
+    terms = biomedap.biomedap_loss(out, y, bare.high_anchor, bare.low_anchor, variant, **WEIGHTS)
+    assert "align" not in terms and {"ce", "high", "low", "kl"} <= set(terms)
+    pulls = terms["high"] + terms["low"] + terms["kl"]
+    expected = terms["ce"] + (terms["w"] * pulls if variant == "paper" else pulls)
+    assert torch.allclose(terms["loss"], expected)
+    assert "align" in biomedap.biomedap_loss(full(x, context=full.prompt_learner.class_context()[y]), y,
+                                             full.high_anchor, full.low_anchor, variant, **WEIGHTS)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_confidence_weight_scales_the_alignment_term_in_the_paper_variant_only(backbones, variant):
+    """Figure 2 routes L_align into the confidence-aware loss with the anchor and KL terms."""
+    bb = backbones("tiny-clip")
+    model = make_model(bb, variant)
+    y = torch.tensor([0, 1, 2, 3])
+    out = model(images_for(bb), context=model.prompt_learner.class_context()[y])
+    terms = biomedap.biomedap_loss(out, y, model.high_anchor, model.low_anchor, variant, **WEIGHTS)
+    assert terms["align"] > 0
+    pulls = terms["high"] + terms["low"] + terms["kl"] + terms["align"]
+    if variant == "paper":
+        assert terms["w"] > 1.01
+        assert torch.allclose(terms["loss"], terms["ce"] + terms["w"] * pulls)
+    else:
+        assert terms["w"] == 1 and torch.allclose(terms["loss"], terms["ce"] + pulls)
+    # alpha 0 removes the weight: every term counts once
+    plain = biomedap.biomedap_loss(out, y, model.high_anchor, model.low_anchor, variant, **WEIGHTS, alpha=0.0)
+    assert torch.allclose(plain["loss"], terms["ce"] + pulls)
+
+
+@pytest.mark.parametrize("form, text", [("minimal", "{}"), ("article", "a {}"), ("generic", "a photo of {}"),
+                                        ("medical", "a medical image of {}"), ("empty", "X")])
+def test_every_low_anchor_form_is_the_released_text_and_the_default_follows_the_variant(backbones, form, text):
+    bb = backbones("tiny-clip")
+    support = [(images_for(bb, 4), torch.tensor([0, 1, 2, 3]))]
+    built = {}
+    for variant, low in (("paper", form), ("official", form), ("paper", None), ("official", None)):
+        args = Args(dataset="synthetic", backbone="tiny-clip", variant=variant, low_anchor=low)
+        cfg = biomedap.configure(args, bb, SYNTH)
+        built[variant, low] = (cfg["low_anchor"], biomedap.build(bb, NAMES, SYNTH, cfg, args, support).low_anchor)
+    expected = F.normalize(bb.encode_text(bb.tokenize([text.format(c) for c in NAMES])).float(), dim=-1)
+    for variant in VARIANTS:  # independent of --variant
+        assert built[variant, form][0] == form and (built[variant, form][1] - expected).abs().max() < 1e-5
+    assert built["official", None][0] == "minimal" and built["paper", None][0] == "prototypes"
+    assert torch.allclose(built["paper", None][1], biomedap.prototype_anchor(bb, support, len(NAMES)))
+    if form == "empty":  # one text, "X", for every class
+        assert torch.allclose(expected, expected[:1].expand_as(expected))
+
+
+def test_ablation_switches_are_flags_with_their_rules_and_own_run_folders():
+    parse = lambda *argv: runner.parse_args(biomedap, ["--dataset", "synthetic", *argv])  # noqa: E731
+    assert parse("--fusion-layers", "none").fusion_layers == ["none"]
+    assert parse("--fusion-layers", "3", "6").fusion_layers == [3, 6] and parse().fusion_layers == []
+    for argv, message in ((["--fusion-layers", "none", "5"], "alone"),
+                          (["--fusion-layers", "none", "--lambda-align", "0.2"], "nothing|no fusion")):
+        with pytest.raises(UserError, match=message):
+            runner.validate_args(parse(*argv))
+    runner.validate_args(parse("--fusion-layers", "none", "--lambda-align", "0"))
+    names = {biomedap.run_name(parse(*argv)) for argv in (
+        [], ["--fusion-layers", "none"], ["--fusion-layers", "3", "6"], ["--low-anchor", "generic"],
+        ["--lambda-high", "0"], ["--lambda-low", "0"], ["--lambda-kl", "0"], ["--lambda-align", "0"],
+        ["--alpha", "0"], ["--variant", "official"], ["--variant", "official", "--low-anchor", "prototypes"])}
+    assert len(names) == 11 and "biomedap" in names and "biomedap-official-low-prototypes" in names
+    # a default given explicitly is no ablation: the full method's folder
+    assert biomedap.run_name(parse("--low-anchor", "prototypes", "--lambda-high", "12.5", "--alpha", "1")) == "biomedap"
+    assert biomedap.run_name(parse("--variant", "official", "--low-anchor", "minimal")) == "biomedap-official"
+
+
+def test_no_fusion_trains_fewer_parameters_and_a_text_low_anchor_trains(run, tmp_path):
+    full, full_folder = run(out=str(tmp_path / "a"))
+    bare, folder = run(out=str(tmp_path / "a"), fusion_layers=["none"], low_anchor="generic")
+    assert folder.parts[-4] == "biomedap-no-fusion-low-generic" and full_folder.parts[-4] == "biomedap"
+    record, full_record = (json.loads((f / "metrics.json").read_text()) for f in (folder, full_folder))
+    assert record["trainable_parameters"] < full_record["trainable_parameters"]
+    assert record["config"]["fusion_layers"] == [] and record["config"]["lambda"]["align"] == 0
+    assert record["config"]["low_anchor"] == "generic" and full_record["config"]["low_anchor"] == "prototypes"
+    saved = torch.load(folder / "checkpoint.pt", weights_only=True)["trainable"]
+    assert not any(k.startswith("fusion") for k in saved) and 0 <= bare["test"]["accuracy"] <= 100

@@ -397,3 +397,119 @@ def test_a_finished_run_draws_its_programs(tmp_path):
     assert 2.0 < width / height < 2.6 and pixels.std() > 10  # 5 panels a row, 2 rows, not blank
     with Image.open(folder / "confusion.png") as picture:
         assert picture.size[0] > 100
+
+
+# ------------------------------------------------------------------ the ablations and the AttrVR baseline
+def corner_model(**kw):
+    """The hand-computed setting above: the image tower returns the top-left frame pixel."""
+    banks = {"descriptions": attribute_bank([[0.9, 0.5, 0.1], [0.2, 0.3, -0.1]], [[0.1, 0.2, 0.3], [0.6, 0.1, 0.0]]),
+             "distinctive": attribute_bank([[0.1, 0.0, 0.3], [0.8, 0.6, 0.4]], [[0.0, 0.5, 0.2], [0.1, 0.1, 0.1]]),
+             "confusions": attribute_bank([[0.5, 0.1, 0.2], [0.0, 0.3, 0.1]], [[0.4, 0.2, 0.0], [0.9, -0.3, 0.1]])}
+    calls = []
+    model = bv.BioMedVR(8, 2, (0.5, 0.5, 0.5), (1.0, 1.0, 1.0), banks, logit_scale=10.0, topk=2,
+                        image_tower=lambda x: calls.append(len(x)) or x[:, :, 0, 0], **kw)
+    return model, calls
+
+
+def test_which_scores_reach_the_logits_in_each_ablation():
+    """Hand-computed as in the test above: Des/Dist on e1 give s+ = (4.5, 4.75); Conf on e1 gives
+    class 0 top-2 of (.5 .1 .2) -> 3.5, class 1 of (0 .3 .1) -> 2.0, and on e2 (3.0, 5.0)."""
+    e1, e2 = torch.tensor([20.0, 0.0, 0.0]), torch.tensor([0.0, 20.0, 0.0])
+    x = torch.rand(2, 3, 4, 4)
+    positive, calls = corner_model(experts="positive")  # AttrVR: s+ alone, one pass of B images
+    with torch.no_grad():
+        positive.delta_plus[:, 0, 0] = e1
+    out = positive(x)
+    assert calls == [2] and out["s_minus"] is None and out["gate"] is None
+    assert torch.allclose(out["logits"], torch.tensor([[4.5, 4.75]] * 2), atol=1e-5)
+    shared, calls = corner_model(programs=1)  # both experts read the one program, seen once
+    with torch.no_grad():
+        shared.delta[:, 0, 0] = e1
+    out = shared(x)
+    assert calls == [2] and torch.allclose(out["s_minus"], torch.tensor([[3.5, 2.0]] * 2), atol=1e-5)
+    assert torch.allclose(out["logits"], 0.5 * out["s_plus"] + 0.5 * out["s_minus"], atol=1e-6)
+    fixed, calls = corner_model(gate="fixed")  # both programs, g = (1/2, 1/2) whatever happens
+    with torch.no_grad():
+        fixed.delta_plus[:, 0, 0], fixed.delta_minus[:, 0, 0] = e1, e2
+    out = fixed(x)
+    assert calls == [4] and out["gate"].tolist() == [0.5, 0.5]
+    assert torch.allclose(out["logits"], torch.tensor([[3.75, 4.875]] * 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("kw, trained", [({}, {"delta_plus", "delta_minus", "gate"}),
+                                         ({"experts": "positive"}, {"delta_plus"}),
+                                         ({"programs": 1}, {"delta", "gate"}),
+                                         ({"gate": "fixed"}, {"delta_plus", "delta_minus"})])
+def test_each_ablation_trains_exactly_its_parameters(backbones, kw, trained):
+    bb = backbones("tiny-clip")
+    args = runner.cli_args(bv)(**{**FAST, **kw})
+    text = data.load_class_text("synthetic", list(data.SYNTHETIC_LOOKS))
+    model = bv.build(bb, list(data.SYNTHETIC_LOOKS), text, bv.configure(args, bb, text), args)
+    params = dict(model.named_parameters())
+    assert set(params) == trained and all(p.requires_grad for p in params.values())
+    start = {k: p.detach().clone() for k, p in params.items()}
+    optimizer, _ = bv.make_optimizer(model, 1, 1, lr=40.0)
+    beta = 0.0 if kw.get("experts") == "positive" else 0.3
+    terms, _ = bv.train_step(model, torch.rand(3, 3, 24, 24), torch.tensor([0, 1, 2]), optimizer, beta=beta)
+    assert set(terms) == ({"loss", "ce"} if beta == 0 else {"loss", "ce", "cs"})  # no L_CS without s-
+    assert all(not torch.equal(start[k], params[k]) for k in params)
+    assert all(p.grad is None for p in bb.model.parameters())
+    if kw.get("gate") == "fixed":  # a constant, not a learned tensor: nothing a checkpoint keeps
+        assert model.gate.softmax(0).tolist() == [0.5, 0.5] and "gate" not in model.state_dict()
+    with pytest.raises(ValueError, match="beta"):  # the positive expert alone has nothing to suppress
+        bv.biomedvr_loss(corner_model(experts="positive")[0](torch.rand(1, 3, 4, 4)), torch.tensor([0]), beta=0.3)
+
+
+def test_the_shared_program_learns_from_both_experts_and_l_cs():
+    model, _ = corner_model(programs=1)
+    out = model(torch.rand(2, 3, 4, 4))
+    for score in ("s_plus", "s_minus"):
+        grad, = torch.autograd.grad(out[score].sum(), [model.delta], retain_graph=True)
+        assert grad.abs().sum() > 0, score
+    cs = bv.biomedvr_loss(out, torch.tensor([0, 1]), beta=0.3)["cs"]
+    grad, = torch.autograd.grad(cs, [model.delta])
+    assert cs > 0 and grad.abs().sum() > 0
+
+
+def test_gate_lr_is_the_gate_s_own_annealed_rate_and_the_default_is_one_group():
+    model, _ = corner_model()
+    optimizer, scheduler = bv.make_optimizer(model, epochs=2, steps_per_epoch=2, lr=40.0, gate_lr=0.4)
+    programs, gate = optimizer.param_groups
+    assert programs["params"] == [model.delta_plus, model.delta_minus] and gate["params"] == [model.gate]
+    assert (programs["lr"], gate["lr"]) == (40.0, 0.4)
+    optimizer.step()
+    scheduler.step()
+    assert scheduler.get_last_lr() == pytest.approx([40.0 * (1 + math.cos(math.pi / 4)) / 2,
+                                                      0.4 * (1 + math.cos(math.pi / 4)) / 2])
+    assert len(bv.make_optimizer(model, 2, 2, lr=40.0)[0].param_groups) == 1  # as released
+    with pytest.raises(ValueError, match="learns no gate"):
+        bv.make_optimizer(corner_model(gate="fixed")[0], 2, 2, gate_lr=0.4)
+
+
+def test_ablation_flags_refuse_what_contradicts_and_have_their_own_run_folders():
+    args = lambda **kw: runner.cli_args(bv)(**{**FAST, **kw})  # noqa: E731
+    for kw, message in (({"experts": "positive"}, "--beta > 0"), ({"experts": "positive", "beta": 0.0, "programs": 1},
+                         "--programs 1"), ({"experts": "positive", "beta": 0.0, "gate": "fixed"}, "--gate fixed"),
+                        ({"experts": "positive", "beta": 0.0, "gate_lr": 0.4}, "--gate-lr"),
+                        ({"gate": "fixed", "gate_lr": 0.4}, "--gate-lr")):
+        with pytest.raises(UserError, match=message):
+            runner.validate_args(args(**kw))
+    runner.validate_args(args(experts="positive", beta=0.0))
+    names = [bv.run_name(args(**kw)) for kw in ({}, {"beta": 0.0}, {"programs": 1}, {"gate": "fixed"},
+                                                {"experts": "positive", "beta": 0.0}, {"gate_lr": 0.4},
+                                                {"cs_anchor": "fused", "beta": 0.0})]
+    assert names == ["biomedvr", "biomedvr-no-cs", "biomedvr-shared-program", "biomedvr-fixed-gate",
+                     "biomedvr-positive-no-cs", "biomedvr-gate-lr0.4", "biomedvr-fused-no-cs"]
+    with pytest.raises(SystemExit):  # one line from argparse, not a traceback
+        runner.parse_args(bv, ["--programs", "3"])
+
+
+@pytest.mark.parametrize("kw, saved", [({"experts": "positive", "beta": 0.0}, {"delta_plus"}),
+                                       ({"programs": 1}, {"delta", "gate"}),
+                                       ({"gate": "fixed"}, {"delta_plus", "delta_minus"})])
+def test_each_ablation_runs_end_to_end_in_its_own_folder(tmp_path, kw, saved):
+    metrics = run(tmp_path, epochs=1, **kw)
+    folder = runner.run_folder(bv, runner.cli_args(bv)(**{**FAST, "out": str(tmp_path / "runs"), **kw}))
+    assert folder.parts[-4] != "biomedvr" and (folder / "programs.png").is_file()
+    assert set(torch.load(folder / "checkpoint.pt", weights_only=True)["trainable"]) == saved
+    assert ("gate" in metrics) == (kw.get("experts") != "positive") and 0 <= metrics["test"]["accuracy"] <= 100

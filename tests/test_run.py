@@ -49,6 +49,8 @@ def test_tables_dry_run_lists_exactly_the_published_runs():
     assert {(a.dataset, a.shots, a.seed, a.subsample) for _, a in vr} == \
         {(d, 16, s, "all") for d in DATASETS for s in (1, 2, 3)}
     assert all(m is biomedvr and a.cs_anchor == "fused" for m, a in vr)  # the released Table-1 loss
+    assert all(a.backbone == "clip" and "--backbone clip" in line  # on the paper's backbone
+               for (_, a), line in zip(vr, run_sh("tables", "biomedvr", "--dry-run", env={"OUT": "/nonexistent"})))
 
 
 def test_biomedvr_table_uses_the_released_anchor_and_flags_still_override():
@@ -56,6 +58,8 @@ def test_biomedvr_table_uses_the_released_anchor_and_flags_still_override():
     assert all(a.cs_anchor == "fused" and a.backbone == "clip" for _, a in map(parse_job, lines))
     lines = run_sh("tables", "biomedvr", "--dry-run", "--", "--cs-anchor", "positive", env={"OUT": "/nonexistent"})
     assert all(a.cs_anchor == "positive" for _, a in map(parse_job, lines))
+    lines = run_sh("tables", "biomedvr", "--dry-run", "--", "--backbone", "biomedclip", env={"OUT": "/nonexistent"})
+    assert len(lines) == 33 and all(a.backbone == "biomedclip" for _, a in map(parse_job, lines))
     # a plain sweep keeps the default anchor (the paper's figure)
     lines = run_sh("fewshot", "biomedvr", "btmri", "16", "1", "--dry-run", env={"OUT": "/nonexistent"})
     assert [parse_job(line)[1].cs_anchor for line in lines] == ["positive"]
@@ -147,7 +151,12 @@ def test_sweeps_keep_backbones_and_variants_apart(tmp_path):
     assert ("btmri", 1) in {(a.dataset, a.seed) for a in table} and {a.cs_anchor for a in table} == {"fused"}
     runner.atomic_write_json(tmp_path / "biomedvr-fused" / "btmri" / "16shot" / "seed1" / "metrics.json", {})
     table = [parse_job(line)[1] for line in run_sh("tables", "biomedvr", "--dry-run", env=env)]
+    assert ("btmri", 1) in {(a.dataset, a.seed) for a in table}  # a BiomedCLIP run is not Table 1's
+    runner.atomic_write_json(tmp_path / "clip" / "biomedvr-fused" / "btmri" / "16shot" / "seed1" / "metrics.json", {})
+    table = [parse_job(line)[1] for line in run_sh("tables", "biomedvr", "--dry-run", env=env)]
     assert ("btmri", 1) not in {(a.dataset, a.seed) for a in table} and len(table) == 32
+    table = run_sh("tables", "biomedvr", "--dry-run", "--", "--backbone", "biomedclip", env=env)
+    assert len(table) == 32  # the BiomedCLIP variant of the sweep finds its own
 
 
 def test_sweeps_skip_finished_runs_of_your_own_folder(tmp_path):
@@ -224,3 +233,50 @@ def test_a_dataset_folder_with_spaces_and_shell_characters_in_every_command(tmp_
     # its finished runs are found under the folder's own name
     runner.atomic_write_json(runner.run_dir(str(tmp_path / "runs"), "biomedap", str(folder), 2, 1) / "metrics.json", {})
     assert run_sh("fewshot", "biomedap", str(folder), "2", "1", "--dry-run", env=env) == []
+
+
+ABLATION_ROWS = {"biomedap": 12, "biomedvr": 5}
+
+
+@pytest.mark.parametrize("method", ["biomedap", "biomedvr"])
+def test_ablations_print_one_job_per_row_each_in_its_own_folder(tmp_path, method):
+    env = {"OUT": str(tmp_path)}
+    lines = run_sh("ablations", method, "btmri", "16", "1", "--dry-run", env=env)
+    jobs = [parse_job(line) for line in lines]
+    assert len(jobs) == ABLATION_ROWS[method] and all(m is METHODS[f"{method}.py"] for m, _ in jobs)
+    assert all((a.dataset, a.shots, a.seed) == ("btmri", 16, 1) for _, a in jobs)
+    folders = [runner.run_folder(m, a) for m, a in jobs]
+    assert len(set(folders)) == len(folders) and folders[0].parts[-4] == method  # the first row: the full method
+    if method == "biomedvr":  # the AttrVR row
+        assert [(a.experts, a.beta) for _, a in jobs][-1] == ("positive", 0.0)
+    else:
+        assert {a.low_anchor for _, a in jobs} == {None, "minimal", "article", "generic", "medical", "empty"}
+        assert len(run_sh("ablations", method, "btmri", "16", "1", "--dry-run", "--", "--variant", "official",
+                          env=env)) == 11  # no confidence weight to drop, prototypes instead of minimal
+    # the default sweep: 16 shots, seeds 1-3; every row of every dataset
+    assert len(run_sh("ablations", method, "btmri,busi", "--dry-run", env=env)) == ABLATION_ROWS[method] * 2 * 3
+    # the sweep looks for each row's runs where the method writes them: all finished, nothing left
+    for m, a in jobs:
+        runner.atomic_write_json(runner.run_folder(m, a) / "metrics.json", {})
+    assert run_sh("ablations", method, "btmri", "16", "1", "--dry-run", env=env) == []
+
+
+@pytest.mark.parametrize("method, flags", [
+    ("biomedap", ["--fusion-layers", "3", "06", "--lambda-kl", "0.0"]),
+    ("biomedap", ["--variant=official", "--low-anchor=prototypes", "--alpha", "0e0"]),
+    ("biomedap", ["--fusion-layers", "none", "--lambda-high=0", "--variant", "paper", "--low-anchor", "prototypes"]),
+    ("biomedvr", ["--gate-lr", "0.40", "--beta=0.0", "--cs-anchor", "fused"]),
+    ("biomedvr", ["--programs", "01", "--gate", "fixed", "--backbone", "clip"]),
+    ("biomedvr", ["--experts", "positive", "--beta", "0", "--gate-lr", "1e-3", "--experts", "both"])])
+def test_run_sh_names_a_run_folder_as_the_method_does(tmp_path, method, flags):
+    env = {"OUT": str(tmp_path)}
+    [line] = run_sh("fewshot", method, "btmri", "2", "1", "--dry-run", "--", *flags, env=env)
+    module, args = parse_job(line)
+    runner.atomic_write_json(runner.run_folder(module, args) / "metrics.json", {})
+    assert run_sh("fewshot", method, "btmri", "2", "1", "--dry-run", "--", *flags, env=env) == []
+
+
+def test_ablations_need_a_method_and_datasets():
+    for argv, message in ((["ablations", "zeroshot", "btmri"], "biomedap or biomedvr"), (["ablations", "biomedap"], "DATASETS")):
+        out = subprocess.run(["bash", str(REPO / "run.sh"), *argv, "--dry-run"], capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 2 and message in out.stderr and len(out.stderr.splitlines()) == 1

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import common
+import data
 import report
 import runner
 
@@ -136,3 +137,87 @@ def test_confusion_png_per_block_and_the_old_call_still_works(tmp_path, monkeypa
     runner.write_metrics(tmp_path / "plain", {}, {"test": novel}, {})   # no class names: indices
     assert [t.get_text() for t in figures[1].axes[0].get_xticklabels()] == ["0", "1"]
     png(tmp_path / "plain" / "confusion.png")
+
+
+# ------------------------------------------------------------------ published numbers and ablation tables
+def method_run(root, module, acc, extra=None, **settings):
+    """A finished run's metrics.json where the method would write it, with its full arguments."""
+    import dataclasses
+    args = runner.cli_args(module)(**{"out": str(root), **settings})
+    blocks = {"test": {"accuracy": acc}} if args.subsample == "all" else {"base": {"accuracy": acc},
+                                                                         "novel": {"accuracy": acc - 10}}
+    folder = runner.run_folder(module, args)
+    runner.atomic_write_json(folder / "metrics.json", {"args": dataclasses.asdict(args), "metrics": {**blocks, **(extra or {})}})
+    return folder
+
+
+def test_published_prints_the_papers_tables_with_sources_and_differences(capsys):
+    report.main(["--published"])
+    text = capsys.readouterr().out
+    for row in ("| BioMedVR | 82.6 | 45.7 | 80.2 | 94.7 | 80.3 | 81.7 | 84.5 | 77.4 | 74.0 | 65.3 | 74.1 | 76.4 |",
+                "| AttrVR | 76.0 | 33.6 | 79.5 | 93.8 | 80.4 | 76.2 | 85.4 | 71.0 | 71.6 | 62.1 | 71.5 | 72.8 |",
+                "| BiomedAP | 63.57 | 64.89 | 67.92 | 71.21 | 75.09 |", "| BiomedAP | 81.62 | 78.42 | 80.02 |"):
+        assert row in text
+    for word in ("CoOp", "CoCoOp", "BiomedCoOp", "VP", "AR"):
+        assert f"| {word} |" in text
+    assert text.count("Source: ") == 3 and text.count("What differs from ours: ") == 3
+    assert "79.99" in text and "best test accuracy" in text and "split_liu" in text and "one seed" in text
+
+
+def test_runs_of_a_published_protocol_show_the_published_figure_and_our_difference(tmp_path):
+    import biomedap
+    import biomedvr
+    table1 = dict(backbone="clip", cs_anchor="fused", shots=16)
+    for seed in (1, 2):
+        best = {"best_test_accuracy_test_selected": {"accuracy": 80.0 + seed, "epoch": 300}}
+        method_run(tmp_path, biomedvr, 70.0 + seed, best, dataset="btmri", seed=seed, **table1)
+        method_run(tmp_path / "short", biomedvr, 60.0 + seed, dataset="btmri", seed=seed, **{**table1, "epochs": 5})
+        method_run(tmp_path, biomedvr, 66.0 + seed, dataset="btmri", seed=seed, experts="positive", beta=0.0,
+                   **table1)
+        method_run(tmp_path / "bc", biomedvr, 50.0, dataset="btmri", seed=seed, shots=16, cs_anchor="fused")
+    text = report.summarize(tmp_path / "clip")
+    # Table 1's protocol: ours last epoch 71.5 and test-selected 81.5 against the published 81.7
+    assert "| btmri | 71.50 ± 0.71 (2) | 81.50 | 81.7 | -10.20 | -0.20 |" in text
+    assert "| btmri | 67.50 ± 0.71 (2) | – | 76.2 | -8.70 | – |" in text  # the AttrVR row
+    assert text.count("**Published beside ours**") == 2
+    # 5 epochs is not Table 1's protocol, nor is BiomedCLIP: neither gets a published figure
+    assert "Published beside ours" not in report.summarize(tmp_path / "short")
+    assert "Published beside ours" not in report.summarize(tmp_path / "bc")  # on BiomedCLIP
+    # BiomedAP: a published average is compared once all 11 datasets are in
+    ap = tmp_path / "ap"
+    for d in data.MEDICAL:
+        method_run(ap, biomedap, 75.0, dataset=d, shots=16, seed=1)
+        method_run(ap, biomedap, 80.0, dataset=d, shots=16, seed=1, subsample="base")
+    method_run(ap, biomedap, 60.0, dataset="btmri", shots=1, seed=1, variant="official")
+    text = report.summarize(ap)
+    assert "K=16: ours 75.00 over 11 of 11 datasets; published 75.09; ours − published -0.09" in text
+    assert "K=1: ours 60.00 over 1 of 11 datasets; published 63.57; no difference" in text
+    assert "ours − published: base -1.62 novel -8.42 \"HM\" -5.02" in text
+
+
+def test_ablation_runs_make_one_table_rows_settings_columns_datasets(tmp_path):
+    import biomedap
+    import biomedvr
+    rows = {(): 70.0, (("beta", 0.0),): 68.0, (("programs", 1),): 67.0, (("gate", "fixed"),): 66.0,
+            (("experts", "positive"), ("beta", 0.0)): 64.0}
+    for switches, acc in rows.items():
+        for i, d in enumerate(("btmri", "busi")):
+            method_run(tmp_path, biomedvr, acc + i, dataset=d, shots=16, seed=1, backbone="clip", **dict(switches))
+    for switches, acc in (((), 75.0), ((("fusion_layers", ["none"]),), 73.0), ((("low_anchor", "generic"),), 74.0)):
+        method_run(tmp_path, biomedap, acc, dataset="btmri", shots=16, seed=1, **dict(switches))
+    text = report.summarize(tmp_path)
+    table = text.split("## clip/biomedvr: ablations, K=16")[1].split("\n\n")[1].splitlines()
+    assert table[0] == "| setting | busi | btmri | average |"
+    assert table[2:] == ["| biomedvr (full method) | 71.00 | 70.00 | 70.50 |",
+                         "| w/o L_CS (beta 0) | 69.00 | 68.00 | 68.50 |",
+                         "| one program for both experts | 68.00 | 67.00 | 67.50 |",
+                         "| fixed gate (1/2, 1/2) | 67.00 | 66.00 | 66.50 |",
+                         "| w/o negative expert and L_CS (AttrVR) | 65.00 | 64.00 | 64.50 |",
+                         "| *AttrVR, published (Table 1)* | 76.0 | 76.2 | 76.10 |"]  # its anchor is irrelevant
+    ap = text.split("## biomedap: ablations, K=16")[1].split("\n\n")[1].splitlines()
+    assert ap[2:] == ["| biomedap (full method) | 75.00 | 75.00 |", "| w/o fusion (and L_align) | 73.00 | 73.00 |",
+                      "| low anchor: generic | 74.00 | 74.00 |"]
+    assert report.ablation_row("biomedap-official-fusion3-6-low-empty-no-kl") == (
+        "biomedap-official", "fusion at blocks 3-6, low anchor: empty, w/o L_kl", (1, 7, 4))
+    assert report.ablation_row("biomedvr-fused-gate-lr1e-05-no-cs")[:2] == ("biomedvr-fused", "gate lr 1e-05, w/o L_CS (beta 0)")
+    assert report.ablation_row("zeroshot") is None
