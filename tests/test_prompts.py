@@ -50,7 +50,7 @@ def test_natural_class_text(name):
     if not path.is_file():
         pytest.skip(f"{path} is not there yet")
     text = json.loads(path.read_text(encoding="utf-8"))
-    assert data.template_problem(text["template"]) is None, f"{path}: {data.template_problem(text['template'])}"
+    assert classtext.template_problem(text["template"]) is None, f"{path}: {classtext.template_problem(text['template'])}"
     classes = {key: entry for key, entry in text["classes"].items() if not key.startswith("_")}
     assert len(classes) == data.NATURAL[name].classes, f"{path}: {len(classes)} classes"
     assert not [key for key in classes if "_" in key or key != data.nfc(key)], f"{path}: keys as the loader names them"
