@@ -15,14 +15,17 @@ datasets and their average. Where a summary's runs follow a published protocol (
 shots and method settings: `PROTOCOLS`), the published figure and our difference are printed
 beside ours; `python report.py --published` prints the published tables, their sources and what
 differs from our protocol.
-Nothing imports this file; it reads only metrics.json files (and the methods' defaults).
+Runs of one method made with different settings (epochs, learning rate, ..., anything in a run's
+recorded identity but the seed) are never averaged together: each group is summarised apart,
+labelled with its settings. Nothing imports this file; it reads only metrics.json files
+(and the methods' defaults).
 """
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -33,7 +36,7 @@ import biomedap
 import biomedvr
 import data
 from common import ALIASES, UserError, harmonic_mean
-from runner import OneLineParser, atomic_write_png, atomic_write_text, new_figure
+from runner import OneLineParser, RunArgs, atomic_write_png, atomic_write_text, new_figure, setting_text
 
 # BiomedCLIP's published zero-shot means ("a photo of a {}." on every dataset). The per-dataset
 # rows could not be retrieved on the machines this was written on (the papers' tables are
@@ -291,11 +294,12 @@ def _run_key(parts):
     return None
 
 
-def _collect(root: Path):
+def _collect(root: Path, notes: list | None = None):
     """{(folder, method, dataset, shots, protocol): {seed: metrics}} from every metrics.json at
-    any depth below `root`. Runs are kept apart by the folder above <method>, so runs of the
-    same method and dataset made in two places (two backbones, say) never share a cell."""
-    runs = {}
+    any depth below `root`. Runs are kept apart by the folder above <method>, so runs of the same
+    method and dataset made in two places (two backbones, say) never share a cell, and by their
+    settings (`_apart_by_settings`, whose lines are added to `notes`)."""
+    runs, identities = {}, {}
     for path in sorted(Path(root).rglob("metrics.json")):
         key = _run_key(path.relative_to(root).parts)
         if key is None:
@@ -316,7 +320,58 @@ def _collect(root: Path):
             continue
         metrics["_args"] = record.get("args")  # the run's settings: which published protocol it follows
         runs.setdefault(key[:5], {})[key[5]] = metrics
+        identities.setdefault(key[:5], {})[key[5]] = _identity(record)
+    runs, said = _apart_by_settings(runs, identities)
+    (notes if notes is not None else []).extend(said)
     return runs
+
+
+# What a run folder's path already tells apart: a cell of the tables is one of each.
+CELL_SETTINGS = ("seed", "shots", "subsample", "dataset")
+# The run flags that change no number: left out of an identity rebuilt from a run's arguments.
+RUN_FLAGS = {f.name for f in dataclasses.fields(RunArgs) if f.metadata.get("resume_may_differ")}
+
+
+def _identity(record) -> dict:
+    """The settings a run's numbers depend on (runner.run_identity), as its metrics.json records
+    them; for a run written before that record, its arguments less the run flags that change no
+    number (a method's own such flags are then compared too: runs may be kept apart needlessly,
+    never averaged wrongly)."""
+    if isinstance(record.get("identity"), dict):
+        return record["identity"]
+    args = record.get("args") if isinstance(record.get("args"), dict) else {}
+    return {k: v for k, v in args.items() if k not in RUN_FLAGS}
+
+
+def _apart_by_settings(runs, identities):
+    """(runs, notes): runs of one folder and method that differ in a setting the path does not tell
+    (epochs, learning rate, loss weights, precision, ...; or, within one cell, two dataset folders
+    of one name) are grouped by those settings, seed aside; each group becomes a method of its own,
+    labelled with them ("biomedap (--epochs 5)"), so no table row, average or picture mixes them.
+    A setting some records lack (they were written before it existed) is compared among the
+    records that have it. `notes`: one line per folder and method split so."""
+    def values(name, records):
+        return {json.dumps(i[name], sort_keys=True) for i in records if name in i}
+    out, notes = {}, []
+    for folder, method in sorted({k[:2] for k in runs}):
+        keys = [k for k in runs if k[:2] == (folder, method)]
+        seen = [identity for k in keys for identity in identities[k].values()]
+        names = sorted({name for identity in seen for name in identity} - set(CELL_SETTINGS))
+        varying = [n for n in names if len(values(n, seen)) > 1]
+        if any(len(values("dataset", identities[k].values())) > 1 for k in keys):
+            varying.append("dataset")  # two folders of one name in one cell
+        if method == "zeroshot" or not varying:
+            out.update({k: runs[k] for k in keys})
+            continue
+        for k in keys:
+            for seed, metrics in runs[k].items():
+                identity = identities[k][seed]
+                label = f"{method} (" + ", ".join(f"--{n.replace('_', '-')} {setting_text(identity.get(n))}"
+                                                   for n in varying) + ")"
+                out.setdefault((folder, label, *k[2:]), {})[seed] = metrics
+        notes.append(f"{_label(folder, method)}: runs made with different settings ("
+                     + ", ".join(f"--{n.replace('_', '-')}" for n in varying) + ") are summarised apart")
+    return out, notes
 
 
 def _label(folder, method):
@@ -339,11 +394,13 @@ def summarize(root="runs") -> str:
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root} is not a folder: pass the folder that holds the run folders (default: runs)")
-    runs = _collect(root)
+    notes = []
+    runs = _collect(root, notes)
     folders = sorted({k[0] for k in runs})
     counts = {f: sum(len(v) for k, v in runs.items() if k[0] == f) for f in folders}
     lines = [f"Read {sum(counts.values())} runs under {root}: "
              + ", ".join(f"{f or '.'} ({n})" for f, n in counts.items()), ""]
+    lines += [line for note in notes for line in (note, "")]
     rows = [["folder", "method", "protocol", "dataset", "shots", "metric", "mean", "std", "seeds"]]
     for folder in folders:
         zero = {k[2]: v for k, v in runs.items() if k[0] == folder and k[3:] == (0, "zeroshot")}
@@ -389,12 +446,9 @@ def summarize(root="runs") -> str:
         lines += _ablation_tables(folder, runs, rows)
     text = "\n".join(lines) if runs else f"no finished runs under {root}"
     atomic_write_text(root / "summary.md", text + "\n")
-    try:
-        with open(root / "summary.csv.tmp", "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
-            csv.writer(f).writerows(rows)
-        os.replace(root / "summary.csv.tmp", root / "summary.csv")
-    finally:
-        (root / "summary.csv.tmp").unlink(missing_ok=True)  # after a failure: no .tmp is left behind
+    table = io.StringIO(newline="")
+    csv.writer(table).writerows(rows)
+    atomic_write_text(root / "summary.csv", table.getvalue())  # a full disk: one line, no .tmp left
     series = fewshot_series(runs)
     if series:
         plot_fewshot(series, root / "fewshot.png")

@@ -26,8 +26,10 @@
 # BioMedVR's Table 1 (16 shots, the released loss --cs-anchor fused, on the paper's CLIP ViT-B/16,
 # --backbone clip; "-- --backbone biomedclip" runs the same sweep on BiomedCLIP, summarised apart),
 # and with biomedvr-natural its Table 3: the natural-image benchmarks, the same protocol.
-# Finished runs (metrics.json present) are skipped and unfinished ones resumed, so an
-# interrupted sweep continues where it stopped. GPUS="0 1 2 3" runs one job per GPU at a
+# Finished runs (metrics.json present) made with the sweep's settings are skipped and unfinished
+# ones resumed, so an interrupted sweep continues where it stopped; finished runs made with other
+# settings (another --epochs, --lr, ...) stop it before its first job, each named (-- --overwrite
+# replaces them, --out keeps both). GPUS="0 1 2 3" runs one job per GPU at a
 # time; --dry-run prints the jobs, one command a line (for GNU parallel or a SLURM array).
 # Environment: PYTHON (python), OUT (runs; --out after "--" wins), GPUS (empty: one job at a time
 # on the default device). Relative dataset and output paths are taken from this script's folder.
@@ -42,7 +44,7 @@ NATURAL_DATASETS="caltech101 food101 dtd eurosat oxford_pets oxford_flowers ucf1
 ALL_SHOTS="1 2 4 8 16"
 ALL_SEEDS="1 2 3"
 
-usage() { sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 pick() { if [[ -z "${1:-}" || "$1" == "all" ]]; then echo "$2"; else echo "${1//,/ }"; fi; }
 pick_datasets() {  # DATASETS -> the array DS (see the header for the rules)
   local arg=${1:-all} item
@@ -148,7 +150,10 @@ TEXT_DIR=""
 OUT=$(flag_value --out "$OUT")  # the jobs' own --out: where the sweep looks for their runs
 OUT_FLAG=(--out "$OUT")          # given to each job, unless the FLAGS after "--" already say it
 [[ " ${EXTRA[*]-} " == *" --out "* || " ${EXTRA[*]-} " == *" --out="* ]] && OUT_FLAG=()
+OVERWRITE=0; [[ " ${EXTRA[*]-} " == *" --overwrite "* ]] && OVERWRITE=1
 JOBS=(); DATASETS_USED=(); METHOD_USED=zeroshot; DS=()
+FINISHED=()       # per finished run with recorded arguments: its folder, protocol and training job;
+FINISHED_ARGS=()  # and that job's arguments, as their count then the words (runner.finished_runs_cli)
 
 is_benchmark() { local b; for b in $MEDICAL_DATASETS $NATURAL_DATASETS synthetic; do [[ ${1,,} == "$b" ]] && return 0; done; return 1; }
 dataset_key() {  # the dataset's folder name in runs/, as data.dataset_key: a benchmark in lower case,
@@ -167,14 +172,45 @@ add_job() {  # METHOD DATASET SHOTS SEED PROTOCOL(fewshot|base2novel|robustness)
   [[ $p == robustness ]] && flags+=(--robustness)
   local dir="$OUT/$(method_dir "$m")/$(dataset_key "$d")/${k}shot$sub/seed$s"
   use_dataset "$d"
-  if [[ -f $dir/metrics.json ]]; then
-    # a robustness job needs the robustness block; a plain finished run is re-evaluated for it
-    if [[ $p != robustness ]] || grep -q '"robustness"' "$dir/metrics.json"; then return; fi
-    JOBS+=("$(quoted "$PYTHON" "$m.py" --eval-only "$dir" --robustness "${EXTRA[@]+"${EXTRA[@]}"}")")
+  local args=(--dataset "$d" --shots "$k" --seed "$s" "${OUT_FLAG[@]+"${OUT_FLAG[@]}"}" "${flags[@]+"${flags[@]}"}" "${EXTRA[@]+"${EXTRA[@]}"}")
+  if [[ -f $dir/metrics.json ]] && grep -q '"args"' "$dir/metrics.json"; then  # settled by compare_finished
+    FINISHED+=("$dir" "$p" "$(quoted "$PYTHON" "$m.py" "${args[@]}")")
+    FINISHED_ARGS+=("${#args[@]}" "${args[@]}")
     return
   fi
-  [[ -f $dir/checkpoint.pt ]] && flags+=(--resume)
-  JOBS+=("$(quoted "$PYTHON" "$m.py" --dataset "$d" --shots "$k" --seed "$s" "${OUT_FLAG[@]+"${OUT_FLAG[@]}"}" "${flags[@]+"${flags[@]}"}" "${EXTRA[@]+"${EXTRA[@]}"}")")
+  if [[ -f $dir/metrics.json ]]; then finished_job "$dir" "$p" "$m"; return; fi  # nothing recorded to compare
+  [[ -f $dir/checkpoint.pt ]] && ((!OVERWRITE)) && args+=(--resume)
+  JOBS+=("$(quoted "$PYTHON" "$m.py" "${args[@]}")")
+}
+
+finished_job() {  # DIR PROTOCOL METHOD: a finished run of the sweep's settings is skipped; a robustness
+  # job needs the robustness block, so a plain finished run is re-evaluated for it
+  if [[ $2 == robustness ]] && ! grep -q '"robustness"' "$1/metrics.json"; then
+    JOBS+=("$(quoted "$PYTHON" "$3.py" --eval-only "$1" --robustness "${EXTRA[@]+"${EXTRA[@]}"}")")
+  fi
+}
+
+compare_finished() {  # the finished runs found, against the sweep's settings (the method's own rule,
+  # runner.finished_runs): the same are skipped; others stop the sweep, or with --overwrite train again
+  ((${#FINISHED_ARGS[@]})) || return 0
+  local answers i conflicts=()
+  answers=$(printf '%s\0' "${FINISHED_ARGS[@]}" |
+            $PYTHON -c "import runner, $METHOD_USED; runner.finished_runs_cli($METHOD_USED)") || exit 2
+  mapfile -t answers <<<"$answers"
+  for ((i=0; i<${#answers[@]}; i++)); do
+    local dir=${FINISHED[3*i]} protocol=${FINISHED[3*i+1]} job=${FINISHED[3*i+2]}
+    case ${answers[i]} in
+      same) finished_job "$dir" "$protocol" "$METHOD_USED" ;;
+      none) JOBS+=("$job") ;;
+      *) if ((OVERWRITE)); then JOBS+=("$job"); else conflicts+=("  $dir: ${answers[i]#differs: }"); fi ;;
+    esac
+  done
+  if ((${#conflicts[@]})); then
+    echo "error: ${#conflicts[@]} finished run(s) were made with other settings than this sweep's (made -> asked):" >&2
+    printf '%s\n' "${conflicts[@]}" >&2
+    echo "pass --overwrite after -- to replace them, or --out to write elsewhere; the sweep did not start" >&2
+    exit 2
+  fi
 }
 
 sweep() {  # METHOD PROTOCOL SHOTS SEEDS, over the datasets in DS
@@ -192,6 +228,7 @@ preflight() {  # once, before any job: the flags parse, the backbone loads, ever
 }
 
 run_jobs() {  # run the job list (sequentially, or one worker per GPU), then the summary
+  compare_finished
   if ((DRY)); then printf '%s\n' "${JOBS[@]+"${JOBS[@]}"}"; return; fi
   local n=${#JOBS[@]} failures
 

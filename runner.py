@@ -6,17 +6,18 @@ where a run lives and how it survives. A method's `main()` hands it the method m
 experiment and run flags every script shares, sets up the data, class text, backbone and model
 through the method's functions (`setup`), trains with a checkpoint after each epoch (`train`),
 and handles --resume, metrics.json and confusion.png, --eval-only, --predict, the --benchmark
-timing, the --check-setup preflight of a sweep, and Ctrl-C. It knows no method's own flags by
-name. Imports run one way: runner -> classtext -> data -> common; method files import only
-common.
+timing, the questions a sweep asks (--check-setup, `finished_runs`), Ctrl-C and failed writes.
+It knows no method's own flags by name. Imports run one way: runner -> classtext -> data -> common; method
+files import only common.
 
 Sections, in order: arguments (`RunArgs`, `ExperimentArgs`, `cli_args`, `parse_args`,
-`validate_args`); run folders (`run_dir`, `RunFolder`, `start_run`, `check_resume`);
-checkpoints and --resume; what a run prints; --eval-only; files (atomic writes,
-`write_metrics`, confusion.png); a method's run (`setup`, `train`, `eval_only`, `load_run`,
-`benchmark`, `run_method`); the command line (`run_cli`, the hub check); the benchmark
-harness; prediction (`Predictor`, `predict_cli`); a run's class text (`class_text`) and the
-setup check.
+`validate_args`); run folders (`run_dir`, `check_writable`, `FolderLock`, `RunFolder`,
+`run_identity`, `differing_settings`, `start_run`, `check_resume`); checkpoints and --resume;
+what a run prints; --eval-only; files (atomic writes, `write_metrics`, confusion.png); a
+method's run (`setup`, `train`, `eval_only`, `load_run`, `benchmark`, `run_method`); the command
+line (`run_cli`, the hub check); the benchmark harness; prediction (`Predictor`, `predict_cli`,
+`write_predictions`); a run's class text (`class_text`); a sweep's questions (`check_setup`,
+`finished_runs`).
 """
 import argparse
 import csv
@@ -30,6 +31,7 @@ import platform
 import random
 import re
 import resource
+import secrets
 import shutil
 import socket
 import sys
@@ -38,6 +40,7 @@ import threading
 import time
 import types
 import urllib.request
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -55,6 +58,15 @@ from data import ctrl_c_held
 
 class Interrupted(Exception):
     """Ctrl-C during training; its message says what was kept. The CLIs print it and exit 130."""
+
+
+class WriteFailed(UserError):
+    """A file that could not be written (a full disk, a read-only folder): one line naming the path
+    and the cause, e.g. "cannot write runs/.../checkpoint.pt: no space left on device"."""
+
+    def __init__(self, path, error: OSError):
+        cause = error.strerror or common.one_line(error)
+        super().__init__(f"cannot write {data.printable(path)}: {cause[:1].lower()}{cause[1:]}")
 
 
 # --------------------------------------------------------------------------- arguments
@@ -93,8 +105,8 @@ class RunArgs:
     check_setup: list = list_arg(str, "check a sweep's setup for these datasets, then exit", metavar="DATASET",
                                  resume_may_differ=True)
     resume: bool = arg(False, "continue an interrupted run from its checkpoint", resume_may_differ=True)
-    overwrite: bool = arg(False, "replace the run in its folder once the new one has a checkpoint",
-                          resume_may_differ=True)
+    overwrite: bool = arg(False, "replace the run in its folder once the new one has a checkpoint (with "
+                          "--predict: an existing --predictions file)", resume_may_differ=True)
     stop_after_epoch: int = arg(0, "testing: stop after this epoch", at_least=0, resume_may_differ=True, hidden=True)
     device: str = arg("auto", "auto, cpu, cuda or cuda:N", resume_may_differ=True, eval_option=True)
     precision: str = arg("fp32", "fp32, or bf16 autocast on CUDA", ["fp32", "bf16"], eval_option=True)
@@ -169,9 +181,17 @@ def cli_args(method) -> type:
 
 
 def parse_args(args_cls, argv=None, description: str = "", prog=None):
-    """Parse `argv` into `args_cls` (a dataclass, or a method module: its `cli_args`)."""
+    """Parse `argv` into `args_cls` (a dataclass, or a method module: its `cli_args`). The names of
+    the fields that `argv` gives are kept in the attribute `flags_given` (a set, not a field), so
+    that --eval-only can tell `--precision fp32` from no --precision at all."""
     args_cls = cli_args(args_cls) if isinstance(args_cls, types.ModuleType) else args_cls
-    return args_cls(**vars(build_parser(args_cls, description, prog).parse_args(argv)))
+    absent = object()  # argparse fills in a default only where the namespace has no value yet
+    parsed = vars(build_parser(args_cls, description, prog).parse_args(
+        argv, argparse.Namespace(**{f.name: absent for f in dataclasses.fields(args_cls)})))
+    given = {name: value for name, value in parsed.items() if value is not absent}
+    args = args_cls(**given)  # the dataclass's defaults for the rest
+    args.flags_given = frozenset(given)
+    return args
 
 
 BOUNDS = {"at_least": (">=", operator.ge), "above": (">", operator.gt), "below": ("<", operator.lt),
@@ -244,24 +264,88 @@ def run_dir(out: str, method: str, dataset: str, shots: int, seed: int, subsampl
             / data.dataset_key(dataset) / f"{shots}shot{suffix}" / f"seed{seed}")
 
 
-def _lock_folder(path: Path) -> FileLock:
-    """An exclusive lock on a run folder for this process's life, kept outside it (in the temporary
-    folder) so that a run that fails to start leaves nothing behind."""
-    name = hashlib.sha1(str(path.resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    lock = FileLock(Path(tempfile.gettempdir()) / f"medvl-run-{name}.lock")
+def check_writable(folder, hint: str = "pass --out a folder you can write to") -> None:
+    """Refuse in one line, before anything loads, an output folder this process cannot write to
+    (read-only, someone else's, a full disk, a file in the way): a file is made and removed in
+    `folder`, or in the nearest folder above it that exists (where `folder` will be made)."""
+    folder = Path(folder)
+    there = next((p for p in (folder, *folder.parents) if p.exists()), Path.cwd())
+    if not there.is_dir():
+        raise UserError(f"cannot write to {data.printable(folder)}: {data.printable(there)} is a file, not a "
+                        f"folder; {hint}")
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise UserError(f"another run is writing to {path} right now: wait for it, or pass --out to "
-                        f"write elsewhere") from None
-    return lock
+        with tempfile.TemporaryFile(dir=there):
+            pass
+    except OSError as e:
+        cause = e.strerror or common.one_line(e)
+        raise UserError(f"cannot write to {data.printable(folder)} ({cause[:1].lower()}{cause[1:]}): {hint}") from None
+
+
+def _drop_lock(lock: FileLock, made: list) -> None:
+    """Release a run folder's lock: its file is removed while still held (a process waiting on it
+    then locks a new file, as filelock notices), then the folders made for it, when empty."""
+    try:
+        if not lock.is_locked:  # at exit, filelock's own handler may have released it first
+            lock.acquire(timeout=0)
+    except Exception:  # noqa: BLE001  another run holds it now (the file is its lock), or the interpreter ends
+        return
+    try:
+        Path(lock.lock_file).unlink(missing_ok=True)
+    except OSError:
+        pass
+    finally:
+        lock.release()
+    _remove_empty(made)
+
+
+def _remove_empty(folders: list) -> None:
+    """Remove `folders` (outermost first) that are empty, innermost first: a folder that holds
+    anything stays."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+class FolderLock:
+    """An exclusive lock on a run folder, in a file beside it (`<parent>/.seed<S>.lock`) where every
+    process that can reach the folder sees it, whatever its temporary folder (cluster jobs on one
+    shared disk). `release()` removes the file and the folders made for it, so a run that fails to
+    start leaves nothing behind; a process that ends first releases it too (a killed one through
+    the operating system, leaving the file for the next run to take)."""
+
+    def __init__(self, path: Path):
+        path = Path(path)
+        lock = FileLock(path.with_name(f".{path.name}.lock"))
+        made = []  # the folders above the run folder that this lock makes, outermost first
+        for attempt in range(3):  # a run that failed to start may remove them meanwhile
+            try:
+                for folder in reversed([path.parent, *path.parent.parents]):
+                    if not folder.exists():
+                        folder.mkdir(exist_ok=True)
+                        made += [] if folder in made else [folder]
+                lock.acquire(timeout=0)
+                break
+            except Timeout:
+                _remove_empty(made)
+                raise UserError(f"another run is writing to {data.printable(path)} right now (its lock: "
+                                f"{data.printable(lock.lock_file)}): wait for it, or pass --out to write "
+                                f"elsewhere") from None
+            except OSError as e:
+                if isinstance(e, FileNotFoundError) and attempt < 2:
+                    continue
+                _remove_empty(made)
+                raise WriteFailed(lock.lock_file, e) from None
+        self.release = weakref.finalize(self, _drop_lock, lock, made)  # at the latest when this object goes
 
 
 class RunFolder:
     """A run's folder. It appears with the run's first checkpoint, so a run that fails to start
     leaves nothing behind. With --overwrite the new run writes into a sibling staging folder that
     replaces the old run only once the new run has a checkpoint of its own: a restart that fails
-    (a backbone that does not load, a missing dataset, a wrong flag) never loses a finished result."""
+    (a backbone that does not load, a missing dataset, a wrong flag) never loses a finished result.
+    Locked (`FolderLock`) from here until `close()`, or the end of a `with RunFolder(...)` block."""
 
     def __init__(self, path: Path, overwrite: bool = False, resume: bool = False):
         path = Path(path)
@@ -275,10 +359,20 @@ class RunFolder:
         if resume and overwrite:
             raise UserError("--resume and --overwrite contradict each other: pass one of them")
         self.path = path
-        self._lock = _lock_folder(path)
+        self._lock = FolderLock(path)
         self.staging = path.with_name(path.name + ".overwrite") if overwrite and path.exists() else None
         if self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)  # left by a restart that failed: never a result
+
+    def close(self):
+        """Release the folder's lock (its file goes, and the folders made for it when still empty)."""
+        self._lock.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def save_checkpoint(self, state: dict):
         """Write the checkpoint; the first one of an --overwrite run then takes the old run's place.
@@ -299,21 +393,50 @@ class RunFolder:
         except KeyboardInterrupt:
             self.phase = "saved"  # the Ctrl-C came while this epoch's checkpoint was written
             raise
+        except WriteFailed:
+            if not self.saved_epoch:  # the folder made for the first checkpoint goes when it is empty
+                for folder in [f for f in (self.staging, self.path) if f is not None]:
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        pass
+            raise
 
     saved_epoch = 0  # the epoch of the checkpoint on disk: set by each save, and on resume
+    epochs = 0  # the run's last epoch, once it trains: a checkpoint of that epoch ends the training
     phase = "training"  # or "saved" (Ctrl-C held by a checkpoint's write), "evaluation", "results"
+
+    def kept(self) -> str:
+        """What a run that stops now leaves behind and how to go on: the end of the line that a
+        failed write prints."""
+        if self.phase in ("evaluation", "results") or (self.epochs and self.saved_epoch >= self.epochs):
+            return (f"the checkpoint of epoch {self.saved_epoch} (the last) is kept in {self.path}; "
+                    f"evaluate it with --resume")
+        if self.saved_epoch:
+            return f"the checkpoint of epoch {self.saved_epoch} is kept in {self.path}; continue with --resume"
+        return f"the previous run in {self.path} is kept" if self.staging is not None else "no checkpoint was written"
 
     @contextmanager
     def stop_on_ctrl_c(self):
-        """Around a run from its first epoch to its last line: Ctrl-C becomes one line saying which
-        checkpoint is kept. The results are written under `ctrl_c_held`, so an interrupt that comes
-        while they are written ends the run only once they are complete."""
+        """Around a run from its first epoch to its last line: Ctrl-C, or a write that fails (a full
+        disk), becomes one line saying which checkpoint is kept. The results are written under
+        `ctrl_c_held`, so an interrupt that comes while they are written ends the run only once they
+        are complete; a failed write among them removes metrics.json, so that --resume evaluates
+        the last checkpoint again."""
         try:
             yield
+        except WriteFailed as e:
+            if self.phase == "results":
+                (self.path / "metrics.json").unlink(missing_ok=True)
+            raise UserError(f"{e}; {self.kept()}") from None
         except KeyboardInterrupt:
             epoch = self.saved_epoch + 1
+            trained = self.epochs and self.saved_epoch >= self.epochs  # the last epoch's checkpoint is on disk
             if self.phase == "results":
                 message = f"interrupted while the results were written; they were completed first in {self.path}"
+            elif trained and self.phase != "evaluation":
+                message = (f"interrupted after the last epoch ({self.saved_epoch} of {self.epochs}): the training "
+                           f"is finished and its checkpoint is kept in {self.path}; evaluate it with --resume")
             elif self.phase == "saved":
                 message = (f"interrupted after epoch {self.saved_epoch}; its checkpoint is kept in {self.path}; "
                            f"continue with --resume")
@@ -329,14 +452,54 @@ class RunFolder:
             raise Interrupted(message) from None
 
 
+def run_identity(args) -> dict:
+    """The settings that change a run's numbers: every field of `args` whose `arg` does not say
+    `resume_may_differ` (the experiment, the method's knobs, the epochs, --precision, ...), with its
+    value. The run folder's path keys some of them; a run's record (metrics.json, the checkpoint)
+    keeps all of them, and runs are compared on them (`differing_settings`)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if not f.metadata.get("resume_may_differ")}
+
+
+def _as_recorded(value):
+    return json.loads(json.dumps(value, default=str))  # as metrics.json keeps it: lists, not tuples
+
+
+def setting_text(value) -> str:
+    """A setting's value as the command line spells it: none, 5, 0.0025, 5 8 (a list)."""
+    if value is None or value == []:
+        return "none"
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def differing_settings(recorded: dict, args) -> list:
+    """The settings of `run_identity(args)` on which `args` differ from a run's `recorded`
+    arguments, each as "--flag recorded -> asked". A setting the record lacks (the flag came after
+    the run) counts as its default, which is how the run behaved."""
+    changed = []
+    for f in dataclasses.fields(args):
+        if f.metadata.get("resume_may_differ"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        was, now = _as_recorded(recorded.get(f.name, default)), _as_recorded(getattr(args, f.name))
+        if was != now:
+            changed.append(f"--{f.name.replace('_', '-')} {setting_text(was)} -> {setting_text(now)}")
+    return changed
+
+
+def finished_run_differs(folder, args) -> list:
+    """`differing_settings` between `args` and the finished run in `folder` (its metrics.json);
+    [] when they agree, or when the folder holds no readable record of its arguments."""
+    try:
+        recorded = json.loads((Path(folder) / "metrics.json").read_text(encoding="utf-8"))["args"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return differing_settings(recorded, args) if isinstance(recorded, dict) else []
+
+
 def check_resume(saved_args: dict, args) -> None:
     """Refuse to resume with a setting that changes the numbers: every field whose `arg` does not
-    say `resume_may_differ` (precision included). A field the checkpoint lacks (added since) had
-    its default."""
-    default = lambda f: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # noqa: E731
-    changed = [f"--{f.name.replace('_', '-')} {saved_args.get(f.name, default(f))} -> {getattr(args, f.name)}"
-               for f in dataclasses.fields(args) if not f.metadata.get("resume_may_differ")
-               and saved_args.get(f.name, default(f)) != getattr(args, f.name)]
+    say `resume_may_differ` (precision included)."""
+    changed = differing_settings(saved_args, args)
     if changed:
         raise UserError(f"--resume with different settings ({', '.join(changed)}) than the checkpoint; "
                         f"use the run's settings or --overwrite")
@@ -344,9 +507,11 @@ def check_resume(saved_args: dict, args) -> None:
 
 def start_run(args, folder_of):
     """What a training run checks before anything is loaded: the shared arguments, the device and
-    precision, the run folder `folder_of(args)` (never clobbered), and with --resume the checkpoint
-    and its settings. A folder dataset and a --class-text file are recorded by their absolute paths.
-    Returns (args, device, RunFolder, checkpoint or None)."""
+    precision, the run folder `folder_of(args)` (never clobbered; a finished run made with other
+    settings is named as such; it must be writable, and is locked), and with --resume the
+    checkpoint and its settings. A folder dataset and a --class-text file are recorded by their
+    absolute paths. Returns (args,
+    device, RunFolder, checkpoint or None): close the RunFolder when the run ends."""
     args = dataclasses.replace(args, dataset=data.dataset_arg(args.dataset),
                                class_text=str(Path(args.class_text).resolve()) if args.class_text else "")
     folder = folder_of(args)
@@ -355,8 +520,17 @@ def start_run(args, folder_of):
         raise UserError("--predictions names the CSV of --predict RUN_DIR IMAGES...: give --predict too")
     device = resolve_device(args.device)
     autocast(args.precision, device)  # refuses bf16 without CUDA
+    changed = [] if args.overwrite else finished_run_differs(folder, args)
+    if changed:
+        raise UserError(f"{data.printable(folder)} holds a finished run made with other settings "
+                        f"({', '.join(changed)}): pass --overwrite to replace it, or --out to write elsewhere")
+    check_writable(folder)
     run = RunFolder(folder, args.overwrite, args.resume)
-    return args, device, run, resume_checkpoint(run, args) if args.resume else None
+    try:
+        return args, device, run, resume_checkpoint(run, args) if args.resume else None
+    except BaseException:
+        run.close()
+        raise
 
 
 # --------------------------------------------------------------------------- checkpoints and --resume
@@ -449,16 +623,19 @@ def epoch_line(epoch: int, epochs: int, stats: dict, seconds: float, extra: str 
 
 # --------------------------------------------------------------------------- --eval-only
 def eval_only_args(cli, args_cls):
-    """(checkpoint, arguments to evaluate with, the evaluation options this command line changed)."""
+    """(checkpoint, arguments to evaluate with, the evaluation options this command line gave).
+    An option parsed from a command line counts when it is named there, even at its default value
+    (`--precision fp32` on a bf16 run); for arguments built in Python (no `flags_given`), when it
+    differs from its default."""
     validate_args(cli)
     ckpt, args = load_finished_run(cli.eval_only, args_cls)
     keyed = [part for part in Path(cli.eval_only).resolve().parts if part.startswith("text-")]
     if args.class_text and keyed and classtext.class_text_folder(args.class_text) != keyed[-1]:
         raise UserError(f"the class text {args.class_text} has changed since {cli.eval_only} was trained (its folder "
                         f"is {keyed[-1]}): put the run's text back, or train a run on the new text")
-    defaults = args_cls()
-    given = {f.name: getattr(cli, f.name) for f in dataclasses.fields(cli)
-             if f.metadata.get("eval_option") and getattr(cli, f.name) != getattr(defaults, f.name)}
+    named, defaults = getattr(cli, "flags_given", None), args_cls()
+    given = {f.name: getattr(cli, f.name) for f in dataclasses.fields(cli) if f.metadata.get("eval_option") and (
+        f.name in named if named is not None else getattr(cli, f.name) != getattr(defaults, f.name))}
     return ckpt, dataclasses.replace(args, **given), given
 
 
@@ -490,12 +667,16 @@ def finish_checkpoint(path: Path):
 
 
 def atomic_write_text(path: Path, text: str):
+    """Write `text` to a temporary file beside `path`, then rename; WriteFailed (one line) when
+    the disk is full or the folder cannot be written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
         os.replace(tmp, path)
+    except OSError as e:
+        raise WriteFailed(path, e) from None
     finally:
         tmp.unlink(missing_ok=True)  # after a failure: no .tmp is left behind
 
@@ -505,14 +686,18 @@ def atomic_write_json(path: Path, obj):
 
 
 def save_checkpoint(path: Path, state: dict):
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint.
+    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint, and a
+    write that fails (a full disk) leaves the previous checkpoint as it was and raises WriteFailed.
     `state` holds tensors, numbers, strings, lists and dicts only (weights_only loadable)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        torch.save(state, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:  # through a Python file, a full disk is an OSError naming its cause
+            torch.save(state, f)
         os.replace(tmp, path)
+    except OSError as e:
+        raise WriteFailed(path, e) from None
     finally:
         tmp.unlink(missing_ok=True)  # after a failure: no .tmp is left behind
 
@@ -542,9 +727,10 @@ def library_versions() -> dict:
 
 def write_metrics(folder: Path, args, metrics: dict, timings: dict, extra: dict | None = None,
                   classnames=None):
-    """metrics.json, and confusion.png beside it (one panel per block of `metrics` that has a
-    confusion matrix). `classnames` labels the axes: a list for every block of that many
-    classes, or {block: list} (base-to-novel: base and novel classes differ)."""
+    """metrics.json (with a method's run, its `run_identity` too), and confusion.png beside it (one
+    panel per block of `metrics` that has a confusion matrix). `classnames` labels the axes: a list
+    for every block of that many classes, or {block: list} (base-to-novel: base and novel classes
+    differ)."""
     record = {"args": dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(args),
               "metrics": metrics, "timings": timings, "versions": library_versions(),
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()}
@@ -552,6 +738,8 @@ def write_metrics(folder: Path, args, metrics: dict, timings: dict, extra: dict 
         path = Path(record["args"]["class_text"])
         digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
         record["class_text_file"] = {"path": str(path.resolve()), "sha256": digest}
+    if isinstance(args, RunArgs):  # a method's run: what summaries group its seeds by
+        record["identity"] = run_identity(args)
     record.update(extra or {})
     atomic_write_json(Path(folder) / "metrics.json", record)
     plot_confusion(metrics, Path(folder) / "confusion.png", classnames)
@@ -570,11 +758,13 @@ def new_figure(width, height):
 
 def atomic_write_png(fig, path: Path):
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(tmp, format="png", dpi=100)
         os.replace(tmp, path)
+    except OSError as e:
+        raise WriteFailed(path, e) from None
     finally:
         tmp.unlink(missing_ok=True)  # after a failure: no .tmp is left behind
 
@@ -694,52 +884,54 @@ def train(method, args):
     checkpoint after each (and --resume), evaluation, metrics.json and the pictures."""
     start = time.perf_counter()
     args, device, run, ckpt = start_run(args, lambda a: run_folder(method, a))
-    common.seed_everything(args.seed)
-    s = setup(method, args, device)
-    model, cfg = s.model, s.cfg
-    loader = make_loaders(method, s.train.train, s.transforms[0], cfg, args, train=True)
-    optimizer, scheduler = method.make_optimizer_for(model, cfg, args, len(loader))
-    print(describe_trainable(model, group=method.TRAINABLE_GROUPS), f"{len(s.train.train)} training images,",
-          f"{len(s.train.classnames)} classes, {len(loader)} steps/epoch; config {cfg}")
-    first = restore_training_state(ckpt, model, optimizer, scheduler) if ckpt else 1
-    history = ckpt["history"] if ckpt else []  # a method's per-epoch records (BioMedVR's --eval-every)
-    class_text = dict(s.text, classes={c: s.text["classes"][c] for c in s.train.classnames})  # for --predict
-    test_loader = make_loaders(method, s.evals[next(iter(s.evals))].test, s.transforms[1], cfg, args, train=False)
-    setup_s, train_start = time.perf_counter() - start, time.perf_counter()
-    epochs = cfg["epochs"]
-    last = min(args.stop_after_epoch or epochs, epochs)
-    with run.stop_on_ctrl_c():
-        for epoch in range(first, last + 1):
-            epoch_start = time.perf_counter()
-            loader.sampler.set_epoch(epoch)  # the order and augmentations of this epoch
-            stats = method.train_epoch(model, loader, optimizer, scheduler, cfg, args, device)
-            extra, record = hook(method, "after_epoch")(model, epoch, cfg, args, device, test_loader)
-            if record is not None:
-                history.append(record)
-            check_finite(stats, epoch)
-            run.save_checkpoint(training_state(model, args, epoch, optimizer, scheduler, class_text, history))
-            print(epoch_line(epoch, epochs, stats, time.perf_counter() - epoch_start, extra), flush=True)
-        if last < epochs:
-            print(f"stopped after epoch {last} (--stop-after-epoch); continue with --resume")
-            return None
-        run.phase = "evaluation"
-        train_s, eval_start = time.perf_counter() - train_start, time.perf_counter()
-        metrics = evaluate_setup(method, s, args, device)
-        metrics = hook(method, "final_metrics")(metrics, history, cfg, args)
-        timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": time.perf_counter() - eval_start}
-        run.phase = "results"
-        with ctrl_c_held():  # metrics.json, the pictures and the finished checkpoint, all or none
-            extra = {"config": cfg, "trainable_parameters": sum(p.numel() for p in model.parameters()
-                                                                if p.requires_grad),
-                     "shots_per_class": data.shots_per_class(s.train)}
-            if history:
-                extra["eval_history"] = history
-            write_metrics(run.path, args, metrics, timings, extra, classnames_of(s.evals))
-            for name, figure in hook(method, "pictures")(model, lambda: examples(s), cfg, args, new_figure).items():
-                atomic_write_png(figure, run.path / name)
-            finish_checkpoint(run.path)
-            print(summary_line(metrics), f"-> {run.path / 'metrics.json'}", flush=True)
-    return metrics
+    with run:  # its lock is released however the run ends
+        common.seed_everything(args.seed)
+        s = setup(method, args, device)
+        model, cfg = s.model, s.cfg
+        loader = make_loaders(method, s.train.train, s.transforms[0], cfg, args, train=True)
+        optimizer, scheduler = method.make_optimizer_for(model, cfg, args, len(loader))
+        print(describe_trainable(model, group=method.TRAINABLE_GROUPS), f"{len(s.train.train)} training images,",
+              f"{len(s.train.classnames)} classes, {len(loader)} steps/epoch; config {cfg}")
+        first = restore_training_state(ckpt, model, optimizer, scheduler) if ckpt else 1
+        history = ckpt["history"] if ckpt else []  # a method's per-epoch records (BioMedVR's --eval-every)
+        class_text = dict(s.text, classes={c: s.text["classes"][c] for c in s.train.classnames})  # for --predict
+        first_eval = s.evals[next(iter(s.evals))].test
+        test_loader = make_loaders(method, first_eval, s.transforms[1], cfg, args, train=False)
+        setup_s, train_start = time.perf_counter() - start, time.perf_counter()
+        epochs = run.epochs = cfg["epochs"]
+        last = min(args.stop_after_epoch or epochs, epochs)
+        with run.stop_on_ctrl_c():
+            for epoch in range(first, last + 1):
+                epoch_start = time.perf_counter()
+                loader.sampler.set_epoch(epoch)  # the order and augmentations of this epoch
+                stats = method.train_epoch(model, loader, optimizer, scheduler, cfg, args, device)
+                extra, record = hook(method, "after_epoch")(model, epoch, cfg, args, device, test_loader)
+                if record is not None:
+                    history.append(record)
+                check_finite(stats, epoch)
+                run.save_checkpoint(training_state(model, args, epoch, optimizer, scheduler, class_text, history))
+                print(epoch_line(epoch, epochs, stats, time.perf_counter() - epoch_start, extra), flush=True)
+            if last < epochs:
+                print(f"stopped after epoch {last} (--stop-after-epoch); continue with --resume")
+                return None
+            run.phase = "evaluation"
+            train_s, eval_start = time.perf_counter() - train_start, time.perf_counter()
+            metrics = evaluate_setup(method, s, args, device)
+            metrics = hook(method, "final_metrics")(metrics, history, cfg, args)
+            timings = {"setup_s": setup_s, "train_s": train_s, "eval_s": time.perf_counter() - eval_start}
+            run.phase = "results"
+            with ctrl_c_held():  # metrics.json, the pictures and the finished checkpoint, all or none
+                extra = {"config": cfg, "trainable_parameters": sum(p.numel() for p in model.parameters()
+                                                                    if p.requires_grad),
+                         "shots_per_class": data.shots_per_class(s.train)}
+                if history:
+                    extra["eval_history"] = history
+                write_metrics(run.path, args, metrics, timings, extra, classnames_of(s.evals))
+                for name, figure in hook(method, "pictures")(model, lambda: examples(s), cfg, args, new_figure).items():
+                    atomic_write_png(figure, run.path / name)
+                finish_checkpoint(run.path)
+                print(summary_line(metrics), f"-> {run.path / 'metrics.json'}", flush=True)
+        return metrics
 
 
 def examples(s: Setup, n: int = 4):
@@ -762,6 +954,8 @@ def evaluate_setup(method, s: Setup, args, device) -> dict:
 def eval_only(method, cli):
     """--eval-only RUN_DIR: evaluate a finished run with its saved arguments (evaluation options
     given on this command line win) and rewrite its metrics.json."""
+    check_writable(cli.eval_only, "--eval-only rewrites the run's metrics.json: copy the run folder somewhere "
+                                  "you can write to")
     ckpt, args, given = eval_only_args(cli, cli_args(method))
     device = resolve_device(args.device)
     common.seed_everything(args.seed)
@@ -1004,10 +1198,17 @@ def load_finished_run(run_dir, args_cls):
 def predict_cli(args, load_run, batch_size: int = 32):
     """`--predict RUN_DIR IMAGE_OR_FOLDER...`: the top 3 classes of each image, printed, and with
     `--predictions FILE.csv` one row per image (path, predicted class, every class's probability,
-    the method's extras), written atomically."""
+    the method's extras), written by `write_predictions`. An existing CSV is replaced only with
+    --overwrite, and its folder must be writable: both are checked before the run loads."""
     validate_args(args)
-    if args.predictions and Path(args.predictions).is_dir():
+    target, overwrite = Path(args.predictions) if args.predictions else None, getattr(args, "overwrite", False)
+    if target is not None and target.is_dir():
         raise UserError(f"--predictions {args.predictions} is a folder: give a file name, e.g. predictions.csv")
+    if target is not None and target.exists() and not overwrite:
+        raise UserError(f"{data.printable(target)} exists: pass --overwrite to replace it, or another "
+                        f"--predictions file")
+    if target is not None:
+        check_writable(target.parent, "pass --predictions a file in a folder you can write to")
     if len(args.predict) < 2:
         raise UserError("--predict needs the run folder and then at least one image or folder: "
                         "--predict RUN_DIR IMAGE_OR_FOLDER...")
@@ -1025,23 +1226,50 @@ def predict_cli(args, load_run, batch_size: int = 32):
                   "".join(f"; {k.replace('_', ' ')} {v}" for k, v in extras.items()))
             rows.append({"path": data.printable(path), "predicted": predictor.classnames[int(top.indices[0])],
                          **{f"p({c})": f"{float(p):.6f}" for c, p in zip(predictor.classnames, probs)}, **extras})
-    if args.predictions:
-        target = Path(args.predictions)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        try:
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)  # after a failure: no .tmp is left behind
+    if target is not None:
+        write_predictions(target, rows, overwrite)
         print(f"{len(rows)} predictions -> {data.printable(target)}")
     return rows
 
 
-# --------------------------------------------------------------------------- class text and the setup check
+def write_predictions(target: Path, rows: list, overwrite: bool = False):
+    """The CSV of --predictions (a header from the first row's keys, then the rows), safe beside
+    other --predict runs writing the same file: under a lock beside it (`.<name>.lock`, removed
+    afterwards), into a temporary file of this process's own, renamed into place. A file that
+    another run wrote since this one started is replaced only with `overwrite` (else UserError);
+    a failed write is WriteFailed and leaves the old file as it was."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteFailed(target, e) from None
+    lock_file = target.with_name(f".{target.name}.lock")
+    lock = FileLock(lock_file)
+    try:
+        lock.acquire()  # the other writer holds it for milliseconds
+    except OSError as e:
+        raise WriteFailed(lock_file, e) from None
+    try:
+        if target.exists() and not overwrite:
+            raise UserError(f"{data.printable(target)} was written by another run while this one predicted: "
+                            f"pass --overwrite to replace it, or another --predictions file")
+        tmp = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        try:
+            with open(tmp, "x", newline="", encoding="utf-8") as f:  # "x": a name no one else has
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(tmp, target)
+        except OSError as e:
+            raise WriteFailed(target, e) from None
+        finally:
+            tmp.unlink(missing_ok=True)  # after a failure: no temporary file is left behind
+    finally:
+        lock_file.unlink(missing_ok=True)  # while held, as data.download_dataset does
+        lock.release()
+
+
+# --------------------------------------------------------------------------- class text, a sweep's questions
 def class_text(args, backbone, classnames, method: str) -> dict:
     """The class text a run of `method` reads (--class-text FILE, else its dataset's own), checked
     for what the method reads of it and tokenised as `backbone`'s text tower will (classtext.py)."""
@@ -1063,3 +1291,39 @@ def check_setup(args) -> None:
         splits = data.load_splits(name, args.root, args.download)
         class_text(dataclasses.replace(args, dataset=name), backbone, splits.classnames, method)
     print(f"setup ok: backbone {args.backbone}, datasets {' '.join(args.check_setup)}", file=sys.stderr)
+
+
+def finished_runs(method, jobs) -> list:
+    """What a sweep (run.sh) asks before it skips a job whose folder holds a finished run: for each
+    job (a list of `method`'s command-line arguments) "none" (its folder holds no finished run),
+    "same" (one made with these settings, or one without a record to compare with) or "differs:"
+    and the differing settings ("--epochs 100 -> 5, ..."), each answer one line."""
+    answers = []
+    for argv in jobs:
+        args = parse_args(method, argv)
+        args = dataclasses.replace(args, dataset=data.dataset_arg(args.dataset))
+        folder = run_folder(method, args)
+        if not (folder / "metrics.json").is_file():
+            answers.append("none")
+            continue
+        changed = finished_run_differs(folder, args)
+        answers.append("differs: " + ", ".join(changed).replace("\n", "\\n") if changed else "same")
+    return answers
+
+
+def finished_runs_cli(method, stream=None) -> None:
+    """`python -c 'import runner, biomedap; runner.finished_runs_cli(biomedap)'`: `finished_runs` for
+    the jobs on standard input (bytes), each written as its number of arguments and then its
+    arguments, every item ended by a NUL byte (any path passes); prints one answer a line. A bad flag or
+    dataset is one line and exit 2."""
+    items = [os.fsdecode(item) for item in (stream or sys.stdin.buffer).read().split(b"\0")[:-1]]
+    jobs = []
+    while items:
+        count, items = int(items[0]), items[1:]
+        jobs.append(items[:count])
+        items = items[count:]
+    try:
+        print("\n".join(finished_runs(method, jobs)))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

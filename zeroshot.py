@@ -98,6 +98,7 @@ def main(args: Args) -> dict:
     if (folder / "metrics.json").exists() and not args.overwrite:
         raise UserError(f"{folder} already holds a zero-shot result; pass --overwrite to redo it "
                         f"or --out to write elsewhere")
+    runner.check_writable(folder)  # before anything loads
     device = resolve_device(args.device)
     start = time.perf_counter()
     backbone = common.load_backbone(args.backbone, device)

@@ -224,7 +224,9 @@ def test_run_folder_refuses_to_clobber(tmp_path):
     run.save_checkpoint({"x": torch.zeros(3)})
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt"]
     assert torch.equal(runner.load_checkpoint(folder)["x"], torch.zeros(3))
-    assert sorted(p.name for p in folder.parent.iterdir()) == ["seed1"]  # no staging folder left
+    assert sorted(p.name for p in folder.parent.iterdir()) == [".seed1.lock", "seed1"]  # no staging folder left
+    run.close()  # the lock beside the folder goes with the run
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["seed1"]
 
 
 def test_resume_refuses_changes_that_change_the_numbers():

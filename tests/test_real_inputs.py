@@ -423,12 +423,12 @@ def test_a_failed_write_leaves_no_tmp_file(tmp_path, monkeypatch):
     def broken(self, rows):
         raise OSError("disk full")
     monkeypatch.setattr(csv.DictWriter, "writerows", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(runner.WriteFailed, match="out.csv: disk full"):  # one line, not a traceback
         runner.predict_cli(PredictArgs([str(tmp_path), str(images)], str(tmp_path / "out.csv")), predictor)
     monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("no rename")))
-    with pytest.raises(OSError):
+    with pytest.raises(runner.WriteFailed, match="m.json: no rename"):
         runner.atomic_write_text(tmp_path / "m.json", "{}")
-    with pytest.raises(OSError):
+    with pytest.raises(runner.WriteFailed, match="c.pt: no rename"):
         runner.save_checkpoint(tmp_path / "c.pt", {"x": torch.zeros(1)})
     assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "out.csv").exists()
 
