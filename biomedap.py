@@ -448,7 +448,7 @@ def setup(args, device, anchors=True):
     splits; the evaluation blocks {"test"} or {"base", "novel"}; the class text; the resolved
     configuration (official per-dataset values for the knobs left at none)."""
     backbone = common.load_backbone(args.backbone, device)
-    splits = data.load_splits(args.dataset, args.root, args.download, image_size=backbone.image_size)
+    splits = data.load_splits(args.dataset, args.root, args.download, image_size=backbone.image_size, show=True)
     splits = data.few_shot_splits(splits, args.shots, args.seed)
     train = data.subsample_classes(splits, args.subsample)
     evals = {"test": train} if args.subsample == "all" else {"base": train,
@@ -584,7 +584,7 @@ def eval_only(cli):
     start = time.perf_counter()
     metrics = evaluate_all(model, backbone, train, evals, text, cfg, args, device)
     runner.write_eval_only(cli.eval_only, args, metrics, time.perf_counter() - start, given,
-                           {"config": cfg, "shots_per_class": data.shots_per_class(train)}, classnames_of(evals))
+                           {"config": cfg, **data.data_record(train)}, classnames_of(evals))
     print(runner.summary_line(metrics), f"-> {cli.eval_only}/metrics.json")
     return metrics
 
@@ -688,7 +688,7 @@ def main(args):
         with runner.ctrl_c_held():  # metrics.json, the picture and the finished checkpoint, all or none
             runner.write_metrics(run.path, args, metrics, timings, {
                 "config": cfg, "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                "shots_per_class": data.shots_per_class(train)}, classnames_of(evals))
+                **data.data_record(train)}, classnames_of(evals))
             runner.finish_checkpoint(run.path)
             print(runner.summary_line(metrics), f"-> {run.path / 'metrics.json'}", flush=True)
     return metrics

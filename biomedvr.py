@@ -249,7 +249,7 @@ def train_step(model, images, labels, optimizer, args):
 def load_data(args, S):
     """Training split and evaluation sets {name: Splits}; images of size S - 2w, unnormalised."""
     inner = S - 2 * frame_width(args, S)
-    full = data.load_splits(args.dataset, args.root, args.download, image_size=inner)
+    full = data.load_splits(args.dataset, args.root, args.download, image_size=inner, show=True)
     train = data.subsample_classes(data.few_shot_splits(full, args.shots, args.seed), args.subsample)
     if args.subsample == "base":
         evals = {"base": train, "novel": data.subsample_classes(full, "novel")}
@@ -393,7 +393,7 @@ def eval_only(cli):
     start = time.perf_counter()
     metrics = evaluate_all(model, backbone, train, evals, text, cfg, args, device)
     runner.write_eval_only(cli.eval_only, args, metrics, time.perf_counter() - start, given,
-                           {"config": cfg, "shots_per_class": data.shots_per_class(train)}, classnames_of(evals))
+                           {"config": cfg, **data.data_record(train)}, classnames_of(evals))
     print(runner.summary_line(metrics), f"-> {cli.eval_only}/metrics.json")
     return metrics
 
@@ -510,7 +510,7 @@ def main(args):
         with runner.ctrl_c_held():  # metrics.json, the pictures and the finished checkpoint, all or none
             runner.write_metrics(run.path, args, metrics, timings, {
                 "config": cfg, "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                "eval_history": history, "shots_per_class": data.shots_per_class(train)}, classnames_of(evals))
+                "eval_history": history, **data.data_record(train)}, classnames_of(evals))
             save_programs_png(model, train, backbone.image_size, args, run.path / "programs.png")
             runner.finish_checkpoint(run.path)
             print(runner.summary_line(metrics), f"-> {run.path / 'metrics.json'}", flush=True)

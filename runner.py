@@ -329,6 +329,7 @@ def start_run(args, folder_of):
     and its settings. A folder dataset is recorded by its absolute path. Returns (args, device,
     RunFolder, checkpoint or None)."""
     args = dataclasses.replace(args, dataset=data.dataset_arg(args.dataset))
+    data.check_out_folder(args.dataset, args.out)
     folder = folder_of(args)
     validate_args(args)
     if getattr(args, "predictions", ""):
@@ -557,30 +558,56 @@ def row_normalised(cm):
     return cm / np.maximum(cm.sum(1, keepdims=True), 1)
 
 
+CONFUSION_COUNTS_UP_TO = 30  # classes: up to this many, each cell of confusion.png shows its count
+CONFUSION_MATRIX_UP_TO = 50  # classes: above this many, a panel shows each class's accuracy as a bar instead
+CONFUSION_PANEL_INCHES = 9   # the largest side of a panel (at 100 dpi); at most 3 panels a row
+
+
 def plot_confusion(metrics: dict, path: Path, classnames=None):
-    """confusion.png: a panel per block (test, base, novel, ...), coloured by row share."""
+    """confusion.png: a panel per block (test, base, novel, ...), three at most in a row. Its size
+    and the time to draw it stay bounded whatever the class count: the confusion matrix coloured
+    by row share with each cell's count up to CONFUSION_COUNTS_UP_TO classes, without the counts
+    up to CONFUSION_MATRIX_UP_TO, and above that each class's accuracy (its recall) as a bar; a
+    panel is at most CONFUSION_PANEL_INCHES a side."""
     blocks = {k: v for k, v in metrics.items() if isinstance(v, dict) and "confusion_matrix" in v}
     if not blocks:
         return
-    sizes = [len(v["confusion_matrix"]) for v in blocks.values()]
-    side = 1.6 + 0.45 * max(sizes)
-    fig = new_figure(side * len(blocks), side + 0.6)
-    for ax, (block, m) in zip(fig.subplots(1, len(blocks), squeeze=False)[0], blocks.items()):
+    side = min(1.6 + 0.45 * max(len(v["confusion_matrix"]) for v in blocks.values()), CONFUSION_PANEL_INCHES)
+    columns = min(len(blocks), 3)
+    rows = math.ceil(len(blocks) / columns)
+    fig = new_figure(side * columns, (side + 0.6) * rows)
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax, (block, m) in zip(axes, blocks.items()):
         cm = np.asarray(m["confusion_matrix"])
         C = len(cm)
         names = classnames.get(block) if isinstance(classnames, dict) else classnames
         names = list(names) if names is not None and len(names) == C else [str(i) for i in range(C)]
         share = row_normalised(cm)
+        if C > CONFUSION_MATRIX_UP_TO:
+            ax.bar(range(C), 100 * np.diag(share), width=1.0, color="C0")
+            ax.set_xlim(-0.5, C - 0.5)
+            ax.set_ylim(0, 100)
+            ax.set_xlabel(f"class label 0..{C - 1} (the names are in metrics.json)", fontsize=8)
+            ax.set_ylabel("accuracy of the class (%)", fontsize=8)
+            ax.set_title(f"{block}: accuracy {m['accuracy']:.1f}%\n(each class's accuracy: {C} classes are too many "
+                         "for a matrix)", fontsize=8)
+            continue
         ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-        for i in range(C):
+        counts = C <= CONFUSION_COUNTS_UP_TO
+        for i in range(C if counts else 0):
             for j in range(C):
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if share[i, j] > 0.6 else "black")
-        ax.set_xticks(range(C), names, rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(C), names, fontsize=7)
+        fontsize = 7 if counts else 5
+        ax.set_xticks(range(C), names, rotation=45 if counts else 90, ha="right" if counts else "center",
+                      fontsize=fontsize)
+        ax.set_yticks(range(C), names, fontsize=fontsize)
         ax.set_xlabel("predicted", fontsize=8)
         ax.set_ylabel("true", fontsize=8)
-        ax.set_title(f"{block}: accuracy {m['accuracy']:.1f}%\n(colour: row share, text: count)", fontsize=8)
+        ax.set_title(f"{block}: accuracy {m['accuracy']:.1f}%\n(colour: row share{', text: count' if counts else ''})",
+                     fontsize=8)
+    for ax in axes[len(blocks):]:
+        ax.set_axis_off()
     atomic_write_png(fig, path)
 
 

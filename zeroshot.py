@@ -90,6 +90,7 @@ def folder_of(args) -> Path:
 
 def main(args: Args) -> dict:
     runner.validate_args(args)
+    data.check_out_folder(args.dataset, args.out)
     folder = folder_of(args)
     if (folder / "metrics.json").exists() and not args.overwrite:
         raise UserError(f"{folder} already holds a zero-shot result; pass --overwrite to redo it "
@@ -97,7 +98,7 @@ def main(args: Args) -> dict:
     device = resolve_device(args.device)
     start = time.perf_counter()
     backbone = common.load_backbone(args.backbone, device)
-    splits = data.load_splits(args.dataset, args.root, args.download, image_size=backbone.image_size)
+    splits = data.load_splits(args.dataset, args.root, args.download, image_size=backbone.image_size, show=True)
     text = data.load_class_text(args.dataset, splits.classnames, args.root, method="zeroshot")
     data.check_text_fits(backbone, text, splits.classnames, data.CLASS_TEXT_ENCODES["zeroshot"])
     if args.subsample == "all":
@@ -121,6 +122,7 @@ def main(args: Args) -> dict:
                                                   metrics[f"{name}_novel"]["accuracy"])
     timings = {"total_s": time.perf_counter() - start}
     runner.write_metrics(folder, args, metrics, timings, {"classnames": splits.classnames,
+                                                           "data": data.data_account(splits),
                                                            "photo_template": PHOTO_TEMPLATE,
                                                            "clinical_template": text["template"]}, classnames)
     if args.subsample == "base":

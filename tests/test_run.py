@@ -91,8 +91,8 @@ def test_smoke_jobs_end_to_end(tmp_path, monkeypatch):
     text = report.summarize(tmp_path)
     for backbone in ("tiny", "tiny-clip"):
         for method in ("biomedap", "biomedvr"):  # the K=0 column is the zero-shot run's
-            match = re.search(rf"## {backbone}/{method}: few-shot.*?\| synthetic \| ([\d.]+) \| ([\d.]+) ± [\d.]+ "
-                              rf"\(1\) \|", text, re.S)
+            match = re.search(rf"## {backbone}/{method}: few-shot.*?\| synthetic \| 160 \| ([\d.]+) \| ([\d.]+) "
+                              rf"\(1 seed\) \|", text, re.S)  # n: the 160 test images
             assert match, text
             assert 0.0 <= float(match.group(1)) <= 100.0 and 0.0 <= float(match.group(2)) <= 100.0
     assert (tmp_path / "summary.csv").is_file() and (tmp_path / "fewshot.png").is_file()
