@@ -3,8 +3,12 @@
 A dataset is named on the command line as one of three things:
   * a benchmark name (`btmri`, `busi`, ...): `<root>/<DIR>/split_<DIR>.json` with the images under
     `<root>/<DIR>/<DIR>/`, fetched from huggingface.co/datasets/TahaKoleilat/BiomedCoOp by `--download`;
-  * a path to your own folder with one sub-folder per class (and optionally `split.json`, `prompts.json`);
+  * a path to your own folder: with a `split.json`, with split folders (`train/`, `val/`, `test/`)
+    of class sub-folders, or with one sub-folder per class (split 80/20 here); and its `prompts.json`;
   * `synthetic`: four classes of generated shapes, made in memory, for smoke runs and tests.
+A bare name is the benchmark even where a folder of that name exists; `./btmri` is the folder.
+Whatever is read, `load_splits` keeps an account of it (the layout, images per split and class,
+every file left out and why), which a run prints before training and keeps in metrics.json.
 
 The few-shot subsets and base/novel classes follow the official pipeline (Dassl's
 `generate_fewshot_dataset` and the `subsample_classes` of each BiomedCoOp dataset), so the same
@@ -13,8 +17,8 @@ split file and seed give the same images as the papers.
 `python data.py prompts FOLDER` writes a starter prompts.json (the class text) for your own folder.
 
 Sections, in order, each readable on its own: the registry; split files and image files (what
-counts as an image, the check before training); loading a dataset (benchmarks, your own folders);
-download; few-shot and base/novel; decoding images as a viewer shows them (`to_rgb`,
+counts as an image, the check before training); loading a dataset (benchmarks, your own folders
+in their three layouts); the account of what was read; download; few-shot and base/novel; decoding images as a viewer shows them (`to_rgb`,
 `open_image`, DICOM through pydicom's display functions); the synthetic set; transforms and
 loaders (each random draw a function of seed, epoch and index); class text (schema, what each
 command needs, `check_text_fits`); the starter prompts.json.
@@ -91,6 +95,7 @@ SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "
 # Volume formats that are not read: refused by name (open_image, your own folders, --predict).
 VOLUME_FORMATS = {".nii": "NIfTI", ".nii.gz": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage",
                   ".mhd": "MetaImage"}
+TEST_PERCENT = 20  # your own folder of class sub-folders: each class's test share; the rest trains
 RUN_FILES = ("metrics.json", "checkpoint.pt")  # a folder holding one is a run's folder, never read as images
 MAX_ASPECT = 20  # longest side over shortest: beyond it an image is refused (see _check_size)
 EXIF_ORIENTATION = 0x0112
@@ -421,9 +426,10 @@ def _load_splits(dataset, root, download, split_seed, image_size):
             splits = _synthetic_splits(image_size)
         else:
             splits = _benchmark_splits(dataset.lower(), Path(root), download)
-        if Path(dataset).is_dir():
+        own = Path(dataset).resolve()  # not the benchmark's own folder (a case-blind file system, --root .)
+        if own.is_dir() and own != (Path(root) / DATASETS.get(dataset.lower(), "")).resolve():
             splits.account["meant"] = (f"--dataset {dataset} is the benchmark {splits.name}, not your folder "
-                                       f"{printable(Path(dataset).resolve())}: a bare name means the benchmark; "
+                                       f"{printable(own)}: a bare name means the benchmark; "
                                        f"--dataset ./{dataset} reads the folder")
         return splits
     if Path(dataset).is_dir():
@@ -463,7 +469,7 @@ def _folder_splits(folder, seed):
         source, parts = folder, _stratified_split(folder, seed, left_out)
         layout = (f"your folder {shown}, one sub-folder per class, split {100 - TEST_PERCENT}/{TEST_PERCENT} "
                   f"train/test per class with split seed {seed} (the same test set for every run)")
-    splits = _checked(parts, dataset_key(str(folder)), source, layout, left_out)
+    splits = _checked(parts, dataset_key(str(folder.resolve())), source, layout, left_out)  # ./btmri: a folder
     if is_benchmark_name(folder.resolve().name):
         splits.account["meant"] = (f"your folder {shown}, not the benchmark {folder.resolve().name.lower()} (a bare "
                                    f"name means the benchmark); its runs go to {splits.name}/")
@@ -554,9 +560,6 @@ def _scan_classes(folder, left_out) -> dict[str, tuple[Path, list[Path]]]:
     refuse_volumes(volumes, folder)
     _loose_files(folder, left_out, read=("split.json", "prompts.json"))
     return classes
-
-
-TEST_PERCENT = 20  # your own folder of class sub-folders: the test share of each class
 
 
 def _stratified_split(folder, seed, left_out):

@@ -399,11 +399,11 @@ def describe_trainable(model, group=()) -> str:
 
 
 def summary_line(metrics: dict) -> str:
-    """The final line of a run: accuracy, macro-F1 and ECE of each evaluation block, the HM, and
-    the method's extras (BiomedAP's robustness drop, BioMedVR's gate)."""
+    """The final line of a run: accuracy, macro-F1, ECE and the test images (n) of each evaluation
+    block, the HM, and the method's extras (BiomedAP's robustness drop, BioMedVR's gate)."""
     keys = [k for k in ("test", "base", "novel") if k in metrics]
     text = " ".join(f"{k} acc {metrics[k]['accuracy']:.2f} f1 {metrics[k]['macro_f1']:.2f} "
-                    f"ece {metrics[k]['ece']:.2f}" for k in keys)
+                    f"ece {metrics[k]['ece']:.2f} n {metrics[k]['n']}" for k in keys)
     if "harmonic_mean" in metrics:
         text += f" HM {metrics['harmonic_mean']:.2f}"
     if "robustness" in metrics:

@@ -130,7 +130,9 @@ def main(args: Args) -> dict:
                  f"HM {metrics[n + '_hm']:.2f}" for n in scorings]
     else:
         parts = [f"{n} {metrics[n]['accuracy']:.2f}" for n in scorings]
-    print(f"zero-shot {splits.name} ({args.backbone}): " + "; ".join(parts) + f" -> {folder / 'metrics.json'}")
+    sizes = "/".join(str(len(split.test)) for split in blocks.values())  # base/novel: each part's
+    print(f"zero-shot {splits.name} ({args.backbone}, {sizes} test images): " + "; ".join(parts)
+          + f" -> {folder / 'metrics.json'}")
     return metrics
 
 
