@@ -255,7 +255,7 @@ def is_image_file(path) -> bool:
 
 def find_images(inputs) -> list[Path]:
     """Image files named on the command line: files as given, folders searched recursively
-    (files_under, is_image_file), in sorted order."""
+    (files_under, is_image_file), in sorted order; volume files in a folder are refused by name."""
     found = []
     for name in inputs:
         path = Path(name)
@@ -422,12 +422,14 @@ def load_splits(dataset: str, root: str = "data", download: bool = False, split_
 
 def _load_splits(dataset, root, download, split_seed, image_size):
     if is_benchmark_name(dataset):
+        own = Path(dataset).resolve()  # not the benchmark's own folder (a case-blind file system, --root .)
+        own = own if own.is_dir() and own != (Path(root) / DATASETS.get(dataset.lower(), "")).resolve() else None
         if dataset.lower() == "synthetic":
             splits = _synthetic_splits(image_size)
         else:
-            splits = _benchmark_splits(dataset.lower(), Path(root), download)
-        own = Path(dataset).resolve()  # not the benchmark's own folder (a case-blind file system, --root .)
-        if own.is_dir() and own != (Path(root) / DATASETS.get(dataset.lower(), "")).resolve():
+            splits = _benchmark_splits(dataset.lower(), Path(root), download,
+                                       own and f"; for your folder {printable(own)}, give --dataset ./{dataset}")
+        if own:
             splits.account["meant"] = (f"--dataset {dataset} is the benchmark {splits.name}, not your folder "
                                        f"{printable(own)}: a bare name means the benchmark; "
                                        f"--dataset ./{dataset} reads the folder")
@@ -440,7 +442,7 @@ def _load_splits(dataset, root, download, split_seed, image_size):
                     "or the path to your own folder with one sub-folder per class")
 
 
-def _benchmark_splits(name, root, download):
+def _benchmark_splits(name, root, download, hint=None):
     folder = root / DATASETS[name]
     split_path = folder / f"split_{folder.name}.json"
     if not split_path.is_file():
@@ -448,7 +450,7 @@ def _benchmark_splits(name, root, download):
             raise UserError(
                 f"dataset {name} not found: expected {split_path} with the images under "
                 f"{folder / folder.name}/<class>/; add --download to fetch it from "
-                f"huggingface.co/datasets/{HF_REPO}, or unzip {folder.name}.zip there by hand")
+                f"huggingface.co/datasets/{HF_REPO}, or unzip {folder.name}.zip there by hand{hint or ''}")
         download_dataset(name, root)
     left_out = []
     parts = read_split_file(split_path, left_out=left_out)
@@ -653,10 +655,11 @@ LEFT_OUT_REASONS = {  # the reasons a file is left out, as the account prints th
 def _account(splits, source, layout, left_out) -> dict:
     """The account of what was read, as recorded in metrics.json: the layout, the class names,
     each split's images per class, and every file left out with its reason."""
-    base = Path(source) if Path(source).is_dir() else Path(source).parent
+    base = Path(os.path.abspath(source))
+    base = base if base.is_dir() else base.parent
 
     def shown(path):
-        path = Path(path)
+        path = Path(os.path.abspath(path))
         return printable(path.relative_to(base) if path.is_relative_to(base) else path)
 
     images = {}

@@ -244,6 +244,8 @@ def test_a_folder_named_like_a_benchmark_is_told_apart(tmp_path, monkeypatch, ca
     assert folder.classnames == ["x", "y"] and folder.name == "btmri_folder"
     assert (f"data: your folder {tmp_path / 'btmri'}, not the benchmark btmri (a bare name means the benchmark); its "
             "runs go to btmri_folder/") in capsys.readouterr().out
+    with pytest.raises(UserError, match=f"for your folder {tmp_path / 'btmri'}, give --dataset ./btmri"):
+        data.load_splits("btmri", root=str(tmp_path / "nowhere"))  # the benchmark is not there: name the folder
     keys = {data.dataset_key(d) for d in ("btmri", "BTMRI", "./btmri", str(tmp_path / "btmri"))}
     assert keys == {"btmri", "btmri_folder"}
     assert runner.run_dir("runs", "biomedap", "btmri", 4, 1) != runner.run_dir("runs", "biomedap", "./btmri", 4, 1)
