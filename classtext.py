@@ -162,14 +162,14 @@ def validate_class_text(text, source: str, method: str | None = None, classnames
                if len(entry.get(field, [])) < REFERENCE_SENTENCES[field]]
         if few:
             warnings.append(f'class text {source}: fewer "{field}" than the {REFERENCE_SENTENCES[field]} per '
-                            f"class of the papers' text, in {len(few)} class(es): {', '.join(few)}")
+                            f"class of the papers' text, in {len(few)} class(es): {data.listed(few)}")
     if "confusions" in needs:
         short = {name: sum(len(s.split()) < REFERENCE_CONFUSION_WORDS for s in entry.get("confusions", []))
                  for name, entry in classes.items()}
         listed = [f"{name} ({n} of {len(classes[name]['confusions'])})" for name, n in short.items() if n]
         if listed:
             warnings.append(f'class text {source}: "confusions" shorter than the papers\' {REFERENCE_CONFUSION_WORDS} '
-                            f"words (name the look-alike and how to tell them apart) in: {', '.join(listed)}")
+                            f"words (name the look-alike and how to tell them apart) in: {data.listed(listed)}")
     return warnings
 
 
@@ -371,7 +371,7 @@ def check_text_fits(backbone, class_text, classnames, fields) -> None:
             counts = ", ".join(field if field == "template" else f"{field} {len(n)}x" for field, n in by_field.items())
             listed.append(f"{_short(name)} ({counts}, up to {max(max(n) for n in by_field.values())} tokens)")
         print(f"warning: class text longer than the text tower's {limit} tokens is cut (the rest is not read) "
-              f"in {len(listed)} class(es): {', '.join(listed[:10])}{', ...' if len(listed) > 10 else ''}",
+              f"in {len(listed)} class(es): {data.listed(listed)}",
               file=sys.stderr)
 
     def same(field_set):

@@ -205,10 +205,11 @@ def load_backbone(name: str = "biomedclip", device="cpu") -> Backbone:
 def _load_open_clip(name, full):
     """A hub model (hf-hub:ORG/REPO) or an open_clip name and tag (MODEL:PRETRAINED, weights also
     from the hub). With HF_HUB_OFFLINE set (the CLIs set it when the hub cannot be reached:
-    `runner.offline_unless_reachable`), cached files load and missing ones fail at once with
-    this backbone's recipe, not after the hub library's half-minute of retries."""
+    `runner.offline_unless_reachable`), cached files load and missing ones fail at once with this
+    backbone's recipe. Weights that do not load are an error (open_clip warns, uses random ones)."""
     import open_clip
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import constants
+    from open_clip.pretrained import download_pretrained_from_hf
 
     if full.startswith("hf-hub:"):
         repo, weights = full[len("hf-hub:"):], ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -219,23 +220,23 @@ def _load_open_clip(name, full):
         safe = "open_clip_model.safetensors" if file == "open_clip_pytorch_model.bin" else \
             re.sub(r"\.(bin|pth)$", ".safetensors", file)
         weights = tuple(dict.fromkeys((safe, file)))
-    offline = bool(repo) and constants.HF_HUB_OFFLINE
+    offline, fetched = bool(repo) and constants.HF_HUB_OFFLINE, not full.startswith("hf-hub:")
     logging.disable(logging.ERROR)  # open_clip logs each failure; ours is the one below
     try:
-        if full.startswith("hf-hub:"):
-            model, tokenizer = open_clip.create_model(full), open_clip.get_tokenizer(full)
-        else:
-            model, tokenizer = open_clip.create_model(arch, pretrained=tag), open_clip.get_tokenizer(arch)
+        if not fetched:  # create_model fetches them too, but only warns and goes on when that fails
+            fetched = bool(download_pretrained_from_hf(repo))
+            model, tokenizer = open_clip.create_model(full, require_pretrained=True), open_clip.get_tokenizer(full)
+        else:  # a tag's weights: create_model raises when they fail
+            model = open_clip.create_model(arch, pretrained=tag, require_pretrained=True)
+            tokenizer = open_clip.get_tokenizer(arch)
     except Exception as e:  # missing weights, unknown tag, a file of another repo (a text tower)
         if offline and _not_in_cache(e):
             raise UserError(_offline_recipe(name, full, repo, weights[0])) from None
-        raise UserError(f"could not load backbone '{full}' ({one_line(e)}); a downloaded copy loads "
-                        f"with --backbone local-dir:FOLDER (README, Backbones)") from None
+        raise UserError(f"could not load {'backbone' if fetched else 'the weights of backbone'} '{full}' "
+                        f"({one_line(e)}); a downloaded copy loads with --backbone local-dir:FOLDER (README, "
+                        "Backbones)") from None
     finally:
         logging.disable(logging.NOTSET)
-    # open_clip goes on with random weights when a hub repository's weights file is missing
-    if offline and not any(isinstance(try_to_load_from_cache(repo, f), str) for f in weights):
-        raise UserError(_offline_recipe(name, full, repo, weights[0]))
     return model, tokenizer
 
 

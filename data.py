@@ -9,8 +9,12 @@ A dataset is named on the command line as one of four things:
     data layout (`<root>/dtd/images/` and `<root>/dtd/split_zhou_DescribableTextures.json`), fetched
     by hand as CoOp's DATASETS.md says; each underscore of its class names becomes a space, as
     CoOp's trainers do before building any text ("car_side" -> "car side");
-  * a path to your own folder with one sub-folder per class (and optionally `split.json`, `prompts.json`);
+  * a path to your own folder: with a `split.json`, with split folders (`train/`, `val/`, `test/`)
+    of class sub-folders, or with one sub-folder per class (split 80/20 here); and its `prompts.json`;
   * `synthetic`: four classes of generated shapes, made in memory, for smoke runs and tests.
+A bare name is the benchmark even where a folder of that name exists; `./btmri` is the folder.
+Whatever is read, `load_splits` keeps an account of it (the layout, images per split and class,
+every file left out and why), which a run prints before training and keeps in metrics.json.
 
 The few-shot subsets and base/novel classes follow the official pipeline (Dassl's
 `generate_fewshot_dataset` and the `subsample_classes` of each BiomedCoOp and CoOp dataset), so the
@@ -19,8 +23,8 @@ same split file and seed give the same images as the papers.
 The class text the methods anchor on (prompts.json, its checks, writing it) is classtext.py's.
 
 Sections, in order, each readable on its own: the registry; split files and image files (what
-counts as an image, the check before training); loading a dataset (benchmarks, your own folders);
-download; few-shot and base/novel; decoding images as a viewer shows them (`to_rgb`,
+counts as an image, the check before training); loading a dataset (benchmarks, your own folders
+in their three layouts); the account of what was read; download; few-shot and base/novel; decoding images as a viewer shows them (`to_rgb`,
 `open_image`, DICOM through pydicom's display functions); the synthetic set (its images and its
 class text); transforms and loaders (each random draw a function of seed, epoch and index).
 """
@@ -42,7 +46,7 @@ import unicodedata
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -122,7 +126,16 @@ MAX_EXTRACT_BYTES = 50 * 10**9
 SPLIT_NAMES = ("train", "val", "test")
 DICOM_EXTENSIONS = {".dcm", ".dicom"}
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"} | DICOM_EXTENSIONS
-MAX_ASPECT = 20  # longest side over shortest: beyond it an image is refused (see _check_aspect)
+# Split folders of your own folder (torchvision's ImageFolder per split, as Kaggle ships them),
+# case-blind: folder name -> split.
+SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
+# Volume formats that are not read: refused by name (open_image, your own folders, --predict).
+VOLUME_FORMATS = {".nii": "NIfTI", ".nii.gz": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage",
+                  ".mhd": "MetaImage"}
+TEST_PERCENT = 20  # your own folder of class sub-folders: each class's test share; the rest trains
+RUN_FILES = ("metrics.json", "checkpoint.pt")  # a folder holding one is a run's folder, never read as images
+MAX_ASPECT = 20  # longest side over shortest: beyond it an image is refused (see _check_size)
 EXIF_ORIENTATION = 0x0112
 
 
@@ -140,16 +153,22 @@ class Splits:
     test: list[Item]
     classnames: list[str]  # index = label
     name: str  # CLI name, or the folder's name for your own data
+    # What was read, made once by load_splits and kept through few_shot_splits and subsample_classes:
+    # the layout, images per split and class, every file left out and why (`data_account`).
+    account: dict = field(default_factory=dict, compare=False)
 
 
 # ---------------------------------------------------------------- split files
 
-def read_split_file(path, image_dir=None, underscores_as_spaces: bool = False) -> dict[str, list[Item]]:
-    """Read `{"train"|"val"|"test": [[relative_path, label, "class name"], ...]}`.
+def read_split_file(path, image_dir=None, underscores_as_spaces: bool = False, left_out=None) -> dict[str, list[Item]]:
+    """Read `{"train"|"val"|"test": [[relative_path, label, "class name"], ...]}` (UTF-8, with or
+    without a byte order mark).
 
     Paths are relative to `image_dir`: by default `<DIR>/` beside an official `split_<DIR>.json`,
     otherwise the split file's own folder (your own `split.json`). `underscores_as_spaces`: each
     "_" of a class name becomes " " before any check (CoOp's split files: "car_side" is "car side").
+    An image listed twice in one split is read once; the repeat is appended to `left_out` as
+    (path, "duplicate", detail).
     """
     path = Path(path)
     if image_dir is None:
@@ -157,7 +176,7 @@ def read_split_file(path, image_dir=None, underscores_as_spaces: bool = False) -
         image_dir = path.parent / path.parent.name if official else path.parent
     image_dir = Path(image_dir)
     try:
-        content = json.loads(path.read_text(encoding="utf-8"))
+        content = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte order mark is no problem
     except OSError as error:
         raise UserError(f"cannot read split file {path}: {error.strerror or error}") from None
     except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
@@ -169,7 +188,7 @@ def read_split_file(path, image_dir=None, underscores_as_spaces: bool = False) -
 
     if not isinstance(content, dict) or not all(isinstance(content.get(s), list) for s in SPLIT_NAMES):
         raise wrong('it needs the keys "train", "val" and "test", each a list')
-    parts, names, owner = {}, {}, {}  # names: label -> class name, over all three splits; owner: path -> split
+    parts, names, owner = {}, {}, {}  # names: label -> class name, over all three splits; owner: path -> (split, item)
     for split in SPLIT_NAMES:
         parts[split] = []
         for index, entry in enumerate(content[split]):
@@ -182,8 +201,16 @@ def read_split_file(path, image_dir=None, underscores_as_spaces: bool = False) -
                 classname = classname.replace("_", " ")
             if names.setdefault(label, classname) != classname:
                 raise wrong(f'label {label} is called both "{names[label]}" and "{classname}"')
-            parts[split].append(Item(os.path.abspath(image_dir / relative), label, classname))
-            other = owner.setdefault(parts[split][-1].path, split)
+            item = Item(os.path.abspath(image_dir / relative), label, classname)
+            other, first = owner.setdefault(item.path, (split, item))
+            if other == split and first is not item:
+                if first.label != label:
+                    raise UserError(f'split file {path} lists {relative} twice in "{split}", as "{first.classname}" '
+                                    f'and as "{classname}": an image has one class; keep one entry')
+                if left_out is not None:
+                    left_out.append((item.path, "duplicate", f'listed twice in "{split}"'))
+                continue
+            parts[split].append(item)
             if other != split:
                 raise UserError(f'split file {path} lists {relative} in both "{other}" and "{split}": an image '
                                 "in two splits is tested on what it trained on; keep it in one")
@@ -215,9 +242,18 @@ def printable(path) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def files_under(folder) -> list[Path]:
+def listed(names, limit: int = 10) -> str:
+    """Up to `limit` of `names`, joined by commas, then ", ..." when there are more: a warning
+    stays one readable line however many classes it names."""
+    names = list(names)
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def files_under(folder, runs=None) -> list[Path]:
     """Every file below `folder`, sorted: symbolic links to folders are followed, each real folder
-    once (a link back up would loop forever), and names starting with "." are left out."""
+    once (a link back up would loop forever), and names starting with "." are left out. A folder
+    holding a run (metrics.json or checkpoint.pt: RUN_FILES) is left out with all below it, and
+    appended to `runs` when given: a run's pictures are never read as images."""
     found, seen = [], set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         info = os.stat(top)
@@ -225,9 +261,31 @@ def files_under(folder) -> list[Path]:
             dirs[:] = []
             continue
         seen.add((info.st_dev, info.st_ino))
+        if any(name in files for name in RUN_FILES):
+            dirs[:] = []
+            if runs is not None:
+                runs.append(Path(top))
+            continue
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [Path(top, f) for f in files if not f.startswith(".") and os.path.isfile(os.path.join(top, f))]
     return sorted(found)
+
+
+def volume_format(path) -> str | None:
+    """The name of a volume format that is not read ("NIfTI", ...: VOLUME_FORMATS), or None."""
+    name = Path(path).name.lower()
+    return next((kind for suffix, kind in VOLUME_FORMATS.items() if name.endswith(suffix)), None)
+
+
+def refuse_volumes(paths, where) -> None:
+    """One line for volume files (NIfTI, NRRD, MetaImage) among `paths`: they are not read, and
+    how to turn them into images. Without this they would be skipped without a word."""
+    volumes = [p for p in paths if volume_format(p)]
+    if volumes:
+        kinds = " and ".join(sorted({volume_format(p) for p in volumes}))
+        raise UserError(f"{len(volumes)} {kinds} volume file(s) in {printable(where)}, e.g. {printable(volumes[0])}: "
+                        f"{kinds} is not read; export the slices to use as PNG or DICOM files (e.g. with nibabel "
+                        "or SimpleITK) and move the volumes out of the image folders")
 
 
 def is_image_file(path) -> bool:
@@ -238,12 +296,14 @@ def is_image_file(path) -> bool:
 
 def find_images(inputs) -> list[Path]:
     """Image files named on the command line: files as given, folders searched recursively
-    (files_under, is_image_file), in sorted order."""
+    (files_under, is_image_file), in sorted order; volume files in a folder are refused by name."""
     found = []
     for name in inputs:
         path = Path(name)
         if path.is_dir():
-            found += [p for p in files_under(path) if is_image_file(p)]
+            files = files_under(path)
+            refuse_volumes(files, path)
+            found += [p for p in files if is_image_file(p)]
         elif path.is_file():
             found.append(path)
         else:
@@ -294,52 +354,64 @@ def _check_images_exist(parts, source):
 def image_problem(path) -> str | None:
     """Why `path` would not give a training image, or None: the loader's own decoding (open_image),
     so the check accepts exactly what training and evaluation read."""
-    problem = _problem(path)
-    return problem and problem[1]
+    problem = _inspect(path)
+    return problem[1] if problem[0] else None
 
 
-def _problem(path):
+def _inspect(path):
+    """(problem kind or None, why, frame): frame is (the frame read, of how many) for a file of
+    several frames (open_image's "frame"), else None."""
     if not os.path.isfile(path):
-        return "unreadable", "the file does not exist"
+        return "unreadable", "the file does not exist", None
     try:
-        open_image(path, check=True)
+        image = open_image(path, check=True)
     except BlankImage as error:
-        return "blank", str(error)
+        return "blank", str(error), None
     except UserError as error:
-        return "unreadable", str(error)
+        return "unreadable", str(error), None
     except Exception as error:  # any of them would stop training later; report it now
-        return "unreadable", f"{type(error).__name__}: {one_line(error)}"
-    return None
+        return "unreadable", f"{type(error).__name__}: {one_line(error)}", None
+    return None, "", image.info.get("frame")
 
 
-def check_images_open(items, source) -> None:
-    """Raise UserError naming how many images of `items` would not open (or open blank), the first and why.
+def check_images_open(items, source) -> list[tuple[str, str, str]]:
+    """Raise UserError naming how many images of `items` would not open (or open blank), the first
+    and why; return the files of several frames as left-out notes (path, "other frames", which
+    frame is read), for the account.
 
     Run before training so that an unreadable test image fails in seconds, not after hours. Every
     image is decoded once (JPEG at 1/8 scale): about one evaluation pass of image reading.
     """
-    paths = [item.path for item in items if not item.path.startswith("synthetic:")]
+    paths = list(dict.fromkeys(item.path for item in items if not item.path.startswith("synthetic:")))
     # Threads: the decoders release the GIL, and on network storage the reads overlap.
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        problems = list(tqdm(pool.map(_problem, paths), total=len(paths),
-                             desc="checking images", leave=False, disable=len(paths) < 2000))
+        found = list(tqdm(pool.map(_inspect, paths), total=len(paths),
+                          desc="checking images", leave=False, disable=len(paths) < 2000))
     for kind, what, fix in (("unreadable", "cannot be opened", "fix or remove them before training"),
                             ("blank", "are blank after conversion", "remove them or export them again")):
-        failed = [(path, why) for path, problem in zip(paths, problems) if problem and problem[0] == kind
-                  for why in [problem[1]]]
+        failed = [(path, why) for path, (problem, why, _) in zip(paths, found) if problem == kind]
         if failed:
             path, why = failed[0]
             raise UserError(f"{len(failed)} of {len(paths)} image file(s) of {source} {what}, the first "
                             f"is {printable(path)}: {printable(why)}; {fix}")
+    return [(path, "other frames", f"frame {index} of {count} is read, the middle one")
+            for path, (_, _, frame) in zip(paths, found) if frame for index, count in [frame]]
 
 
 # ---------------------------------------------------------------- loading a dataset
+
+def is_benchmark_name(dataset) -> bool:
+    """Whether `dataset` is a bare benchmark name or `synthetic`, in any case. A bare name always
+    means the benchmark, also where a folder of that name exists: `./btmri` or any path with a
+    slash names the folder (load_splits says which one it read when both exist)."""
+    return str(dataset).lower() in BENCHMARKS or str(dataset).lower() == "synthetic"
+
 
 def dataset_arg(dataset: str) -> str:
     """The --dataset value a run records: a benchmark's registry name, or a folder's absolute path
     (so evaluation and prediction later find the same folder from anywhere)."""
     dataset = str(dataset)
-    if dataset.lower() == "synthetic" or dataset.lower() in BENCHMARKS:
+    if is_benchmark_name(dataset):
         return dataset.lower()
     return str(Path(dataset).resolve()) if Path(dataset).is_dir() else dataset
 
@@ -347,35 +419,64 @@ def dataset_arg(dataset: str) -> str:
 def dataset_key(dataset: str) -> str:
     """The one name of a dataset, for run folders and summaries.
 
-    A benchmark in any case (`BUSI`, `Oxford_Pets`) gives its registry name (`busi`, `oxford_pets`),
-    `synthetic` gives itself, and a folder its own name after resolving (`.` and `./mine/` give the
-    folder's name).
+    A benchmark in any case (`BUSI`, `Oxford_Pets`) gives its registry name (`busi`, `oxford_pets`), `synthetic` gives
+    itself, and a folder its own name after resolving (`.` and `./mine/` give the folder's name);
+    a folder named like a benchmark gets `_folder` after it (`./btmri` -> `btmri_folder`), so it
+    never shares a run folder or a summary row with the benchmark.
     """
     dataset = str(dataset)
-    if dataset.lower() == "synthetic" or dataset.lower() in BENCHMARKS:
+    if is_benchmark_name(dataset):
         return dataset.lower()
     name = printable(Path(dataset).resolve().name)  # run folders and summaries are text
     if not name:
         raise UserError(f"dataset folder {dataset} has no name (the file system root): use a sub-folder")
-    return name
+    return f"{name}_folder" if is_benchmark_name(name) else name
+
+
+def check_out_folder(dataset: str, out) -> None:
+    """Refuse an output folder inside your own dataset folder (`--dataset .` with the default
+    `runs/` included): the next run would read this run's pictures as images."""
+    if is_benchmark_name(dataset) or not Path(dataset).is_dir():
+        return
+    folder, target = Path(dataset).resolve(), Path(out).resolve()
+    if target.is_relative_to(folder):
+        raise UserError(f"--out {printable(out)} is inside the dataset folder {printable(folder)}, whose images "
+                        f"would then include this run's pictures: give --out a folder outside it, e.g. --out "
+                        f"{printable(folder.parent / 'runs')}")
 
 
 def load_splits(dataset: str, root: str = "data", download: bool = False, split_seed: int = 0,
-                image_size: int = 224) -> Splits:
-    """The full train/val/test splits of a benchmark name, your own folder, or `synthetic`.
+                image_size: int = 224, show: bool = False) -> Splits:
+    """The full train/val/test splits of a benchmark name, your own folder, or `synthetic`, with
+    the account of what was read (`Splits.account`), printed first when `show` (print_account).
 
     `download` fetches a missing medical benchmark; for a natural one it only changes the error's
-    wording (they are fetched by hand). `split_seed` only shapes the split of your own folder when
-    it has no split.json: it is not the run's seed, so runs with different seeds share one test
-    set; `image_size` only the synthetic images.
+    wording (they are fetched by hand). `split_seed` only shapes the split of your own folder of class sub-folders: it is not the
+    run's seed, so runs with different seeds share one test set; `image_size` only the synthetic
+    images. A bare name is the benchmark even where a folder of that name exists (the account
+    says so); `./name` is the folder.
     """
-    dataset = str(dataset)
-    if dataset.lower() == "synthetic":
-        return _synthetic_splits(image_size)
-    if dataset.lower() in MEDICAL:
-        return _medical_splits(dataset.lower(), Path(root), download)
-    if dataset.lower() in NATURAL:
-        return _natural_splits(dataset.lower(), Path(root), download)
+    splits = _load_splits(str(dataset), root, download, split_seed, image_size)
+    if show:
+        print_account(splits)
+    return splits
+
+
+def _load_splits(dataset, root, download, split_seed, image_size):
+    if is_benchmark_name(dataset):
+        own = Path(dataset).resolve()  # not the benchmark's own folder (a case-blind file system, --root .)
+        own = own if own.is_dir() and own != benchmark_folder(dataset.lower(), root).resolve() else None
+        if dataset.lower() == "synthetic":
+            splits = _synthetic_splits(image_size)
+        else:
+            hint = own and f"; for your folder {printable(own)}, give --dataset ./{dataset}"
+            load = _medical_splits if dataset.lower() in MEDICAL else _natural_splits
+            splits = load(dataset.lower(), Path(root), download, hint)
+        if own:
+            splits.account["meant"] = (f"--dataset {dataset} is the benchmark {splits.name}, not your folder "
+                                       f"{printable(own)}: a bare name means the benchmark; "
+                                       f"--dataset ./{dataset} reads the folder")
+        return splits
     if Path(dataset).is_dir():
         return _folder_splits(Path(dataset), split_seed)
     if "/" in dataset or os.sep in dataset or dataset.startswith("."):
@@ -384,7 +485,7 @@ def load_splits(dataset: str, root: str = "data", download: bool = False, split_
                     "or the path to your own folder with one sub-folder per class")
 
 
-def _medical_splits(name, root, download):
+def _medical_splits(name, root, download, hint=None):
     folder = root / MEDICAL[name]
     split_path = folder / f"split_{folder.name}.json"
     if not split_path.is_file():
@@ -392,17 +493,15 @@ def _medical_splits(name, root, download):
             raise UserError(
                 f"dataset {name} not found: expected {split_path} with the images under "
                 f"{folder / folder.name}/<class>/; add --download to fetch it from "
-                f"huggingface.co/datasets/{HF_REPO}, or unzip {folder.name}.zip there by hand")
+                f"huggingface.co/datasets/{HF_REPO}, or unzip {folder.name}.zip there by hand{hint or ''}")
         download_dataset(name, root)
-    parts = read_split_file(split_path)
-    splits = Splits(**parts, classnames=_classnames(sum(parts.values(), [])), name=name)
-    check_every_class_trains(splits, split_path)
-    check_images_open(sum(parts.values(), []), split_path)
-    warn_identical_images(parts, split_path)
-    return splits
+    left_out = []
+    parts = read_split_file(split_path, left_out=left_out)
+    layout = f"benchmark {name}: split file {printable(split_path)}, images under {printable(folder / folder.name)}/"
+    return _checked(parts, name, split_path, layout, left_out)
 
 
-def _natural_splits(name, root, download):
+def _natural_splits(name, root, download, hint=None):
     """A natural-image benchmark from CoOp's layout; a missing split file or image folder is one
     line naming what is missing and where CoOp's instructions for fetching it are."""
     layout = NATURAL[name]
@@ -416,31 +515,67 @@ def _natural_splits(name, root, download):
         if download:
             raise UserError(f"--download does not fetch the natural-image benchmarks: fetch {what} by hand {where}")
         raise UserError(f"dataset {name} not found: {what} {'do' if len(missing) > 1 else 'does'} not exist; "
-                        f"fetch {it} {where}")
-    parts = read_split_file(split_path, image_dir=image_dir, underscores_as_spaces=True)
-    splits = Splits(**parts, classnames=_classnames(sum(parts.values(), [])), name=name)
-    if len(splits.classnames) != layout.classes:
-        print(f"warning: {split_path} has {len(splits.classnames)} classes, CoOp's has {layout.classes}: "
+                        f"fetch {it} {where}{hint or ''}")
+    left_out = []
+    parts = read_split_file(split_path, image_dir=image_dir, underscores_as_spaces=True, left_out=left_out)
+    classes = len({item.label for part in parts.values() for item in part})
+    if classes != layout.classes:
+        print(f"warning: {split_path} has {classes} classes, CoOp's has {layout.classes}: "
               f"results are not comparable with the published ones", file=sys.stderr)
-    check_every_class_trains(splits, split_path)
-    check_images_open(sum(parts.values(), []), split_path)
-    warn_identical_images(parts, split_path)
-    return splits
+    shown = f"natural benchmark {name}: split file {printable(split_path)}, images under {printable(image_dir)}/"
+    return _checked(parts, name, split_path, shown, left_out)
+
+
+def benchmark_folder(name: str, root) -> Path:
+    """The folder of a benchmark under --root (medical: <root>/<DIR>; natural: CoOp's folder)."""
+    name = name.lower()
+    return Path(root) / (MEDICAL[name] if name in MEDICAL else NATURAL[name].folder if name in NATURAL else "")
+
+
+def folder_classnames(folder) -> list[str]:
+    """The class names of your own folder in label order, in Unicode NFC: those of its split.json,
+    else its (train folder's) class sub-folders' (underscores become spaces), as load_splits gives them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder: give your dataset folder, with one sub-folder per class")
+    if (folder / "split.json").is_file():
+        return _classnames(sum(read_split_file(folder / "split.json", image_dir=folder).values(), []))
+    by_split = split_folders(folder)
+    return list(_scan_classes(by_split.get("train", folder), []))
 
 
 def _folder_splits(folder, seed):
-    split_path = folder / "split.json"
+    split_path, left_out, shown = folder / "split.json", [], printable(folder.resolve())
     if split_path.is_file():
-        source, parts = split_path, read_split_file(split_path, image_dir=folder)
+        source, parts = split_path, read_split_file(split_path, image_dir=folder, left_out=left_out)
+        layout = f"your folder {shown}, split by its split.json"
+    elif (by_split := split_folders(folder)):
+        source, parts = folder, _split_folder_parts(folder, by_split, left_out)
+        layout = (f"your folder {shown} in split folders ({', '.join(d.name + '/' for d in by_split.values())}), "
+                  "each with one sub-folder per class")
     else:
-        source, parts = folder, _stratified_split(folder, seed)
-    splits = Splits(**parts, classnames=_classnames(sum(parts.values(), [])), name=dataset_key(str(folder)))
+        source, parts = folder, _stratified_split(folder, seed, left_out)
+        layout = (f"your folder {shown}, one sub-folder per class, split {100 - TEST_PERCENT}/{TEST_PERCENT} "
+                  f"train/test per class with split seed {seed} (the same test set for every run)")
+    splits = _checked(parts, dataset_key(str(folder.resolve())), source, layout, left_out)  # ./btmri: a folder
+    if is_benchmark_name(folder.resolve().name):
+        splits.account["meant"] = (f"your folder {shown}, not the benchmark {folder.resolve().name.lower()} (a bare "
+                                   f"name means the benchmark); its runs go to {splits.name}/")
+    return splits
+
+
+def _checked(parts, name, source, layout, left_out) -> Splits:
+    """Splits from `parts` after the checks every dataset gets before training (two classes or
+    more, each with a training image; every image opens; test copies of training images are
+    named), with the account of what was read."""
+    splits = Splits(**parts, classnames=_classnames(sum(parts.values(), [])), name=name)
     if len(splits.classnames) < 2:
-        raise UserError(f"{source} has {len(splits.classnames)} class ({', '.join(splits.classnames)}): "
+        raise UserError(f"{printable(source)} has {len(splits.classnames)} class ({', '.join(splits.classnames)}): "
                         f"classification needs at least 2 classes, each in its own sub-folder")
     check_every_class_trains(splits, source)
-    check_images_open(sum(parts.values(), []), source)
+    left_out = left_out + check_images_open(sum(parts.values(), []), source)
     warn_identical_images(parts, source)
+    splits.account = _account(splits, source, layout, left_out)
     return splits
 
 
@@ -472,47 +607,201 @@ def class_folders(folder) -> dict[str, Path]:
     return owners
 
 
-def folder_classnames(folder) -> list[str]:
-    """The class names of your own folder in label order, in Unicode NFC: those of its split.json,
-    else its class sub-folders' (underscores become spaces), as load_splits gives them."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder: give your dataset folder, with one sub-folder per class")
-    if (folder / "split.json").is_file():
-        return _classnames(sum(read_split_file(folder / "split.json", image_dir=folder).values(), []))
-    return list(class_folders(folder))
+def _loose_files(folder, left_out, read=()):
+    """Files at the top of `folder` that no class owns (except the files named in `read`) go to `left_out`."""
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.name not in read:
+            left_out.append((path, "not in a class folder", ""))
 
 
-def _stratified_split(folder, seed):
-    """60/20/20 per class (at least one test image each), seeded; classes in folder-name order.
+def _scan_classes(folder, left_out) -> dict[str, tuple[Path, list[Path]]]:
+    """{class name: (its sub-folder, its image files)} of a folder of class sub-folders, in
+    folder-name order. A class's images are every file below its sub-folder (files_under) with an
+    image extension or DICOM content. Left out, each appended to `left_out` as (path, reason,
+    detail): other files, files outside the class folders, a file reached a second time through a
+    link, and a sub-folder holding runs (a folder with metrics.json or checkpoint.pt below it: an
+    --out inside the dataset, with report.py's pictures beside the runs), which is no class. Volume
+    files are refused by name (refuse_volumes); one file in two classes is an error."""
+    classes, owner, volumes = {}, {}, []  # owner: real path -> (class, path as found)
+    for name, class_dir in class_folders(folder).items():
+        runs = []
+        files = files_under(class_dir, runs)
+        if runs:
+            left_out.append((class_dir, "run folder", f"{len(runs)} run(s) below it"))
+            continue
+        images = []
+        for path in files:
+            if volume_format(path):
+                volumes.append(path)
+            elif not is_image_file(path):
+                left_out.append((path, "not an image", ""))
+            else:
+                first_class, first = owner.setdefault(os.path.realpath(path), (name, path))
+                if first_class != name:
+                    raise UserError(f"{printable(path)} and {printable(first)} are one file in the classes "
+                                    f"'{name}' and '{first_class}': an image has one class; keep it in one")
+                if first == path:
+                    images.append(path)
+                else:
+                    left_out.append((path, "duplicate", f"the same file as {printable(first)}"))
+        classes[name] = (class_dir, images)
+    refuse_volumes(volumes, folder)
+    _loose_files(folder, left_out, read=("split.json", "prompts.json"))
+    return classes
 
-    A class is a sub-folder; its images are every file below it (files_under: links followed,
-    hidden names left out) with an image extension or DICOM content. Everything is sorted before
-    the shuffle, so the split does not depend on the order the file system lists files.
+
+def _stratified_split(folder, seed, left_out):
+    """80/20 train/test per class (at least one test image each), seeded; classes in folder-name
+    order. No validation split: neither method reads one, so its images train instead.
+
+    Everything is sorted before the shuffle, so the split does not depend on the order the file
+    system lists files; `_scan_classes` says what is an image and what is left out.
     """
-    owners = class_folders(folder)
     rng = random.Random(seed)
     parts = {split: [] for split in SPLIT_NAMES}
-    skipped = []  # files in class folders that are not images; hidden files are left out silently
-    for label, (name, class_dir) in enumerate(owners.items()):
-        images = []
-        for path in files_under(class_dir):
-            (images if is_image_file(path) else skipped).append(path)
+    for label, (name, (class_dir, images)) in enumerate(_scan_classes(folder, left_out).items()):
         if len(images) < 2:
             raise UserError(f"class folder {printable(class_dir)} has {len(images)} image(s); each class needs "
                             "at least 2, one to train on and one to test on")
         rng.shuffle(images)
-        n_test, n_val = max(1, len(images) // 5), len(images) // 5
-        cuts = {"test": images[:n_test], "val": images[n_test:n_test + n_val],
-                "train": images[n_test + n_val:]}
-        for split, paths in cuts.items():
-            parts[split] += [Item(str(p.absolute()), label, name) for p in paths]
-    if skipped:
-        names = ", ".join(printable(p.relative_to(folder)) for p in sorted(skipped)[:3])
-        print(f"warning: skipping {len(skipped)} file(s) in the class folders of {printable(folder)} that are not "
-              f"images ({' '.join(sorted(IMAGE_EXTENSIONS))}, or DICOM by content): "
-              f"{names}{', ...' if len(skipped) > 3 else ''}", file=sys.stderr)
+        n_test = max(1, len(images) * TEST_PERCENT // 100)
+        parts["test"] += [Item(str(p.absolute()), label, name) for p in images[:n_test]]
+        parts["train"] += [Item(str(p.absolute()), label, name) for p in images[n_test:]]
     return parts
+
+
+def split_folders(folder) -> dict[str, Path]:
+    """{split: its folder} when `folder` holds split folders (SPLIT_FOLDERS, case-blind: train/,
+    val/, test/, training/, valid/, testing/ ...), in train, val, test order; {} when it holds
+    none. A layout that is half of each, or lacks train/ or test/, is an error."""
+    found, others = {}, []
+    for sub in sorted(d for d in Path(folder).iterdir() if d.is_dir() and not d.name.startswith((".", "__"))):
+        split = SPLIT_FOLDERS.get(sub.name.lower())
+        if split is None:
+            runs = []
+            files_under(sub, runs)
+            if runs:
+                continue  # a folder of runs: left out, and said so, by _split_folder_parts
+            others.append(sub)
+        elif split in found:
+            raise UserError(f"{printable(found[split])} and {printable(sub)} are both the {split} split: "
+                            "merge them into one folder")
+        else:
+            found[split] = sub
+    if not found:
+        return {}
+    names = ", ".join(d.name + "/" for d in found.values())
+    if others:
+        raise UserError(f"{printable(folder)} has split folders ({names}) and other folders "
+                        f"({', '.join(d.name + '/' for d in others[:3])}): in a split layout every folder is a split "
+                        "(train, val, test) holding the class sub-folders; move the others away")
+    missing = [split for split in ("train", "test") if split not in found]
+    if missing:
+        hint = "; rename val/ to test/ if it is your held-out set" if "val" in found and missing == ["test"] else ""
+        raise UserError(f"{printable(folder)} has the split folder(s) {names} but no {' or '.join(missing)}/: a split "
+                        f"layout needs train/ and test/ (val/ is optional), each with one sub-folder per class{hint}")
+    return {split: found[split] for split in SPLIT_NAMES if split in found}
+
+
+def _split_folder_parts(folder, by_split, left_out):
+    """The splits of a folder of split folders: each split folder's class sub-folders; the same
+    classes in every split (labels in the train folder's order)."""
+    classes = {split: _scan_classes(split_dir, left_out) for split, split_dir in by_split.items()}
+    for sub in sorted(Path(folder).iterdir()):  # split_folders allows no other folders but these
+        if sub.is_dir() and not sub.name.startswith((".", "__")) and sub not in by_split.values():
+            left_out.append((sub, "run folder", ""))
+    _loose_files(folder, left_out, read=("prompts.json",))
+    train = list(classes["train"])
+    for split, by_name in classes.items():
+        if set(by_name) != set(train):
+            only_train, only_here = sorted(set(train) - set(by_name)), sorted(set(by_name) - set(train))
+            said = "; ".join(f"only in {d.name}/: {', '.join(names[:5])}" for d, names in
+                             ((by_split["train"], only_train), (by_split[split], only_here)) if names)
+            raise UserError(f"the class folders of {printable(by_split['train'])} and {printable(by_split[split])} "
+                            f"differ ({said}): every split folder needs the same class sub-folders")
+    label = {name: index for index, name in enumerate(train)}
+    parts = {split: [] for split in SPLIT_NAMES}
+    for split, by_name in classes.items():
+        for name, (_, images) in by_name.items():
+            parts[split] += [Item(str(p.absolute()), label[name], name) for p in images]
+    return parts
+
+
+# ---------------------------------------------------------------- the account of what was read
+
+LEFT_OUT_REASONS = {  # the reasons a file is left out, as the account prints them
+    "not an image": "not an image (no image extension, no DICOM content)",
+    "not in a class folder": "not in a class folder",
+    "duplicate": "a second copy of a file already read",
+    "other frames": "a volume's other frames (its middle frame is read, as for DICOM)",
+    "run folder": "a folder of runs (metrics.json or checkpoint.pt below it), never read as images",
+}
+
+
+def _account(splits, source, layout, left_out) -> dict:
+    """The account of what was read, as recorded in metrics.json: the layout, the class names,
+    each split's images per class, and every file left out with its reason."""
+    base = Path(os.path.abspath(source))
+    base = base if base.is_dir() else base.parent
+
+    def shown(path):
+        path = Path(os.path.abspath(path))
+        return printable(path.relative_to(base) if path.is_relative_to(base) else path)
+
+    images = {}
+    for split in SPLIT_NAMES:
+        counts = [0] * len(splits.classnames)
+        for item in getattr(splits, split):
+            counts[item.label] += 1
+        images[split] = dict(zip(splits.classnames, counts))
+    return {"dataset": splits.name, "source": printable(source), "layout": layout, "classes": list(splits.classnames),
+            "images": images, "left_out": [{"path": shown(path), "reason": reason, **({"detail": detail} if detail else {})}
+                                           for path, reason, detail in left_out]}
+
+
+def data_account(splits: Splits) -> dict:
+    """What was read, for metrics.json: the account load_splits made (kept by few_shot_splits and
+    subsample_classes), or, for Splits made in code, one from the splits themselves."""
+    return splits.account or _account(splits, ".", f"{splits.name}, given in code", [])
+
+
+def _per_class(counts: dict) -> str:
+    if len(counts) <= 12:
+        return ", ".join(f"{name} {n}" for name, n in counts.items())
+    fewest = sorted(counts.items(), key=lambda entry: entry[1])[:3]
+    return (f"{min(counts.values())}-{max(counts.values())} per class, fewest: "
+            + ", ".join(f"{name} {n}" for name, n in fewest))
+
+
+def account_lines(account: dict) -> list[str]:
+    """The account as a few printable lines: the layout (and which of a benchmark and a folder of
+    one name was read), the classes, each split's images per class, and the files left out,
+    one line per reason with the first few named (all of them are in metrics.json)."""
+    classes = account["classes"]
+    lines = [f"data: {account['layout']}"] + ([f"data: {account['meant']}"] if account.get("meant") else [])
+    lines.append(f"data: {len(classes)} classes: {', '.join(classes[:20])}{', ...' if len(classes) > 20 else ''}")
+    for split, counts in account["images"].items():
+        if sum(counts.values()):
+            lines.append(f"data: {split} {sum(counts.values())} images: {_per_class(counts)}")
+    by_reason = {}
+    for entry in account["left_out"]:
+        by_reason.setdefault(entry["reason"], []).append(entry)
+    for reason, entries in by_reason.items():
+        named = ", ".join(e["path"] + (f" ({e['detail']})" if "detail" in e else "") for e in entries[:3])
+        lines.append(f"data: left out {len(entries)} file(s), {LEFT_OUT_REASONS.get(reason, reason)}: "
+                     f"{named}{', ...' if len(entries) > 3 else ''}")
+    return lines
+
+
+def print_account(splits: Splits) -> None:
+    """Print the account of what was read (account_lines): a run does before training."""
+    print("\n".join(account_lines(data_account(splits))), flush=True)
+
+
+def data_record(splits: Splits) -> dict:
+    """What a run's metrics.json keeps of its data: the shots each class trained on
+    ("shots_per_class") and the account of what was read ("data")."""
+    return {"shots_per_class": shots_per_class(splits), "data": data_account(splits)}
 
 
 # ---------------------------------------------------------------- download
@@ -521,8 +810,9 @@ def download_dataset(name: str, root) -> Path:
     """Fetch `<DIR>.zip` from the Hugging Face hub and unpack it as `<root>/<DIR>`; returns that folder.
 
     Processes that start it at once (the seeds of a sweep) take turns on `<root>/.<DIR>.lock`:
-    the first downloads, the others wait and then find the dataset in place. The lock file is
-    removed when the download ends, whether it succeeded or failed.
+    the first downloads, the others wait and then find the dataset in place. The lock file and
+    the partial unpack folder are removed when the download ends: it succeeded, failed, or was
+    stopped by Ctrl-C, SIGTERM (a scheduler's kill) or SIGHUP (a closed terminal).
     """
     import filelock  # a dependency of huggingface_hub; slow to import, only needed here
 
@@ -531,12 +821,35 @@ def download_dataset(name: str, root) -> Path:
     # half-made target or renames onto it. The file is removed while the lock is held: filelock
     # notices when the file it locked was removed meanwhile and locks the new one instead.
     path = Path(root) / f".{MEDICAL[name]}.lock"
-    with filelock.FileLock(path):
+    with ending_signals_raise(), filelock.FileLock(path):
         try:
             return _download_locked(name, root)
         finally:
             with contextlib.suppress(OSError):  # Windows removes it itself, once released
                 path.unlink()
+
+
+@contextlib.contextmanager
+def ending_signals_raise():
+    """Inside the block, SIGTERM and SIGHUP (a scheduler's kill, a closed terminal) print one line
+    and raise SystemExit(128 + the signal's number), the exit status the signal itself would give,
+    instead of ending the process at once, which would skip every `finally` (and leave a partial
+    download and its lock behind). The handlers before are restored after it. Main thread only:
+    elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(number, frame):
+        print(f"stopped by {signal.Signals(number).name}; the partial download is removed", file=sys.stderr)
+        raise SystemExit(128 + number)
+    ending = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {number: signal.signal(number, stop) for number in ending}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _download_locked(name, root):
@@ -560,7 +873,14 @@ def _download_locked(name, root):
     # download never leaves a half dataset that would later look installed.
     scratch = Path(tempfile.mkdtemp(dir=root, prefix=f".{folder}-download-"))
     try:
-        safe_extract(zip_path, scratch)
+        try:
+            safe_extract(zip_path, scratch)
+        except DamagedArchive as error:
+            real = os.path.realpath(zip_path)  # the cache keeps the bytes in a blob its snapshot links to
+            also = f" and {real}, which it links to" if real != os.path.abspath(zip_path) else ""
+            raise UserError(f"the downloaded {folder}.zip in the Hugging Face cache is damaged (an interrupted "
+                            f"download?): {error.reason}; delete {zip_path}{also}, then run again with "
+                            "--download") from None
         # The zip may hold `<DIR>/...` or the content directly: the split file marks the top.
         found = sorted(scratch.rglob(split_name), key=lambda p: len(p.parts))
         if not found:
@@ -577,13 +897,22 @@ def _download_locked(name, root):
     return target
 
 
+class DamagedArchive(UserError):
+    """A zip that cannot be read to its end (truncated, corrupt); `reason` says what failed."""
+
+    def __init__(self, message, reason):
+        super().__init__(message)
+        self.reason = reason
+
+
 def safe_extract(zip_path, target_dir, max_bytes: int = MAX_EXTRACT_BYTES) -> None:
-    """Extract a zip after checking every entry; nothing is written if any entry is refused."""
+    """Extract a zip after checking every entry; nothing is written if any entry is refused.
+    A zip that cannot be read to its end raises DamagedArchive."""
     target = Path(target_dir).resolve()
     try:
         archive = zipfile.ZipFile(zip_path)
     except (OSError, zipfile.BadZipFile) as error:
-        raise UserError(f"{zip_path} is not a readable zip archive: {error}") from None
+        raise DamagedArchive(f"{zip_path} is not a readable zip archive: {error}", one_line(error)) from None
     with archive:
         entries = archive.infolist()
         for entry in entries:
@@ -603,8 +932,10 @@ def safe_extract(zip_path, target_dir, max_bytes: int = MAX_EXTRACT_BYTES) -> No
         target.mkdir(parents=True, exist_ok=True)
         try:
             archive.extractall(target)
-        except (OSError, zipfile.BadZipFile) as error:
-            raise UserError(f"could not extract {zip_path}: {error}") from None
+        except (zipfile.BadZipFile, EOFError, zlib.error) as error:  # truncated or corrupt entries
+            raise DamagedArchive(f"could not extract {zip_path}: {error}", one_line(error)) from None
+        except OSError as error:  # the disk, not the archive
+            raise UserError(f"could not extract {zip_path} into {target}: {error.strerror or error}") from None
 
 
 # ---------------------------------------------------------------- few-shot and base/novel
@@ -644,9 +975,9 @@ def few_shot_splits(splits: Splits, shots, seed: int) -> Splits:
     check_every_class_trains(sampled, f"dataset {splits.name}")
     short = {name: count for name, count in shots_per_class(sampled).items() if count < int(shots)}
     if short:
-        listed = ", ".join(f"{name} ({count})" for name, count in short.items())
         print(f"warning: {int(shots)} shots asked, but {len(short)} class(es) of {splits.name} have fewer "
-              f"training images and train on all they have: {listed}", file=sys.stderr)
+              f"training images and train on all they have: {listed(f'{n} ({c})' for n, c in short.items())}",
+              file=sys.stderr)
     return sampled
 
 
@@ -659,7 +990,12 @@ def shots_per_class(splits: Splits) -> dict[str, int]:
 
 
 def subsample_classes(splits: Splits, subsample: str) -> Splits:
-    """Base = the first ceil(n/2) labels of the train set, novel = the rest; each relabelled from 0."""
+    """Base = the first ceil(n/2) labels of the train set, novel = the rest; each relabelled from 0.
+
+    A half of one class scores 100% whatever the model (and trains with a loss of 0): with two
+    classes that is an error, with three (novel has one class, as BUSI's) one warning line, given
+    when the novel half is taken.
+    """
     if subsample not in ("all", "base", "novel"):
         raise UserError(f"subsample must be all, base or novel, not '{subsample}'")
     # Base and novel are cut from the labels present in train: a class missing there would shift them.
@@ -668,6 +1004,12 @@ def subsample_classes(splits: Splits, subsample: str) -> Splits:
         return splits
     labels = sorted({item.label for item in splits.train})
     half = math.ceil(len(labels) / 2)
+    if len(labels) < 3:
+        raise UserError(f"base-to-novel needs at least 3 classes, and {splits.name} has {len(labels)}: each half "
+                        "would have one class, whose accuracy is 100% whatever the model; use --subsample all")
+    if len(labels) == 3 and subsample == "novel":
+        print(f"warning: {splits.name} has 3 classes, so its novel half is one class ({splits.classnames[labels[-1]]}): "
+              "novel accuracy is 100% whatever the model, which lifts the harmonic mean", file=sys.stderr)
     kept = labels[:half] if subsample == "base" else labels[half:]
     new_label = {old: new for new, old in enumerate(kept)}
 
@@ -675,7 +1017,7 @@ def subsample_classes(splits: Splits, subsample: str) -> Splits:
         return [Item(i.path, new_label[i.label], i.classname) for i in items if i.label in new_label]
 
     return Splits(relabel(splits.train), relabel(splits.val), relabel(splits.test),
-                  [splits.classnames[old] for old in kept], splits.name)
+                  [splits.classnames[old] for old in kept], splits.name, splits.account)
 
 
 # ---------------------------------------------------------------- images as a viewer shows them
@@ -719,43 +1061,79 @@ class BlankImage(UserError):
     """An image that decodes to one colour everywhere: nothing to learn from or to classify."""
 
 
+MULTI_FRAME_FORMATS = ("TIFF", "GIF", "PNG", "WEBP")  # a multi-page TIFF, an animation; not MPO's preview
+
+
 def open_image(path, check: bool = False) -> Image.Image:
     """An image file (or DICOM, by name or by content) as an upright 8-bit RGB image.
 
-    Raises UserError naming the file when it cannot be read, is too elongated (over
-    MAX_ASPECT:1), or BlankImage when it is one colour after conversion. `check` (the check
-    before training) decodes a JPEG at 1/8 scale: every byte is still read, at an 8th of the work.
+    A file of several frames (a multi-page TIFF, an animated GIF, PNG or WebP, a multi-frame
+    DICOM) gives its middle frame, and says which in `image.info["frame"]`: (the frame read,
+    counted from 1, of how many). A TIFF's reduced-resolution pages (thumbnails, pyramid levels)
+    are not frames. Raises UserError naming the file when it cannot be read, is a volume format
+    that is not read (NIfTI, ...), is too elongated (over MAX_ASPECT:1) or over Pillow's pixel
+    limit (`Image.MAX_IMAGE_PIXELS`), or BlankImage when it is one colour after conversion.
+    `check` (the check before training) decodes a JPEG at 1/8 scale: every byte is still read,
+    at an 8th of the work.
     """
-    path, drafted = str(path), False
+    path, drafted, frame = str(path), False, None
+    if volume_format(path):
+        raise UserError(f"{path} is a {volume_format(path)} volume, which is not read: export its slices as PNG "
+                        "or DICOM files (e.g. with nibabel or SimpleITK)")
     if is_dicom(path):
         image = open_dicom(path)
     else:
         try:
             with Image.open(path) as opened:
-                _check_aspect(path, opened.size)
+                _check_size(path, opened.size)
                 if opened.format == "PNG" and check:
                     opened.verify()  # every chunk's checksum: corruption a decoder may not notice
                     opened = Image.open(path)
+                if opened.format in MULTI_FRAME_FORMATS and getattr(opened, "n_frames", 1) > 1:
+                    frame = _seek_middle_frame(opened)
+                    _check_size(path, opened.size)
                 if opened.format == "JPEG" and check:
                     drafted = opened.draft(opened.mode, (max(1, opened.width // 8), max(1, opened.height // 8))) is not None
                 image = to_rgb(opened)
         except FileNotFoundError:
             raise UserError(f"image file not found: {path}") from None
-        except Image.DecompressionBombError as error:
-            raise UserError(f"cannot read image file {path}: {error}; shrink it below "
-                            f"{Image.MAX_IMAGE_PIXELS} pixels first") from None
-        except (OSError, SyntaxError, ValueError, TypeError) as error:
+        except Image.DecompressionBombError:  # Pillow refuses at twice its limit, before we see the size
+            raise UserError(f"image {path} has more than {Image.MAX_IMAGE_PIXELS:,} pixels, Pillow's limit against "
+                            "decompression bombs: shrink it below that first") from None
+        except (OSError, SyntaxError, ValueError, TypeError, EOFError) as error:
             raise UserError(f"cannot read image file {path}: {error}") from None
     lows, highs = zip(*image.getextrema())  # per channel
     if lows == highs:
         if drafted:
             return open_image(path)  # blank at 1/8 scale: decide at full size
         raise BlankImage(f"image {path} is blank after conversion to RGB: every pixel is {lows}")
+    if frame:
+        image.info["frame"] = frame
     return image
 
 
-def _check_aspect(path, size):
+def _seek_middle_frame(opened) -> tuple[int, int] | None:
+    """Move an opened file of several frames to its middle one; (that frame from 1, count), or
+    None when only one page of a TIFF is at full resolution."""
+    frames = list(range(opened.n_frames))
+    if opened.format == "TIFF":  # NewSubfileType bit 0: a reduced-resolution copy of another page
+        full = []
+        for index in frames:
+            opened.seek(index)
+            if not int(opened.tag_v2.get(254, 0)) & 1:
+                full.append(index)
+        frames = full or frames
+    opened.seek(frames[len(frames) // 2])
+    return (len(frames) // 2 + 1, len(frames)) if len(frames) > 1 else None
+
+
+def _check_size(path, size):
+    """Refuse an image over Pillow's pixel limit (one limit, `Image.MAX_IMAGE_PIXELS`, in every
+    message) or more elongated than MAX_ASPECT:1."""
     width, height = size
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        raise UserError(f"image {path} is {width}x{height} = {width * height:,} pixels, over Pillow's limit of "
+                        f"{Image.MAX_IMAGE_PIXELS:,} pixels against decompression bombs: shrink it below that first")
     if max(width, height) > MAX_ASPECT * max(min(width, height), 1):
         # Resizing the short side to the model's input would blow the long side up to millions of
         # pixels (a 1 x 12000 strip: seconds and gigabytes per image).
@@ -844,7 +1222,7 @@ def open_dicom(path) -> Image.Image:
         if "Rows" not in ds or "Columns" not in ds:
             raise UserError(f"DICOM file {path} has pixel data but no Rows or Columns: its header is damaged, "
                             "export it again")
-        _check_aspect(path, (int(ds.Columns), int(ds.Rows)))
+        _check_size(path, (int(ds.Columns), int(ds.Rows)))
         frames = int(ds.get("NumberOfFrames") or 1)
         index = frames // 2
         pixels = pydicom.pixels.pixel_array(ds, index=index if frames > 1 else None)
@@ -860,7 +1238,10 @@ def open_dicom(path) -> Image.Image:
             raise UserError(f"DICOM file {path} is {interpretation}, which we do not read: convert it to PNG "
                             "(MONOCHROME1/2, PALETTE COLOR, RGB and YBR are read)")
         shown = np.clip(np.nan_to_num(shown, nan=0.0), 0, 1) * 255  # (rows, cols) or (rows, cols, 3)
-        return Image.fromarray(shown.round().astype(np.uint8)).convert("RGB")
+        image = Image.fromarray(shown.round().astype(np.uint8)).convert("RGB")
+        if frames > 1:
+            image.info["frame"] = (index + 1, frames)
+        return image
     except FileNotFoundError:
         raise UserError(f"image file not found: {path}") from None
     except UserError:
@@ -946,7 +1327,11 @@ def _synthetic_splits(image_size):
     parts = {split: [Item(f"synthetic:{split}:{i}:{image_size}", i % len(names), names[i % len(names)])
                      for i in range(per_class * len(names))]
              for split, per_class in SYNTHETIC_SIZES.items()}
-    return Splits(**parts, classnames=names, name="synthetic")
+    splits = Splits(**parts, classnames=names, name="synthetic")
+    splits.account = _account(splits, ".", f"synthetic: {len(names)} classes of generated shapes, drawn in memory "
+                                           f"at {image_size} pixels", [])
+    splits.account["source"] = "generated"
+    return splits
 
 
 def draw_synthetic(path: str) -> Image.Image:
@@ -988,14 +1373,14 @@ def synthetic_class_text() -> dict:
                   f"a {shape} with {outline}, {{}}.",
                   f"a {shape} showing {fill}, {{}}.",
                   f"a bright {colour} object shaped like a {shape}, {{}}."]
-        confusions = []
+        confusions = []  # 20 words or more, as the papers', and within the tiny backbones' context
         for other, (_, _, other_outline, other_fill) in SYNTHETIC_LOOKS.items():
             if other != name:
-                confusions += [
-                    f"a {name} can be confused with a {other} when heavy noise hides the details, but a "
-                    f"{name} is {colour} with {fill}, while a {other} is {other.split()[0]} with {other_fill}.",
-                    f"when the object is small or cut by the crop, a {name} may look like a {other}; compare "
-                    f"the outline, {outline} for a {name} against {other_outline} for a {other}."]
+                cut = (f"but it has {outline} and the other {other_outline}" if outline != other_outline else
+                       f"as both have {outline}; the fill in them tells them apart")
+                confusions += [f"in heavy noise a {name} may look like a {other}, but it is {colour} with {fill}, "
+                               f"the other {other.split()[0]} with {other_fill}.",
+                               f"cut by the crop, a {name} may look like a {other}, {cut}."]
         classes[name] = {
             "descriptions": [frame.format(place) for frame in frames for place in places],
             "distinctive": [f"the object is {colour}, a colour that no other class uses.",

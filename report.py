@@ -383,6 +383,23 @@ def _mean_std(values):
     return values.mean(), (values.std(ddof=1) if len(values) > 1 else 0.0)
 
 
+def _mean_cell(values) -> str:
+    """"mean ± std (seeds)" over several seeds; one seed has no spread to show: "mean (1 seed)"."""
+    m, s = _mean_std(values)
+    return f"{m:.2f} ± {s:.2f} ({len(values)})" if len(values) > 1 else f"{m:.2f} (1 seed)"
+
+
+def _test_size(runs, blocks) -> str:
+    """The test images n behind a cell: the "n" of the metrics `blocks` (one block name, or one
+    per part, e.g. base and novel, shown as "base/novel") over all `runs`; a range when they
+    differ, "–" when the runs do not record it."""
+    parts = []
+    for block in [blocks] if isinstance(blocks, str) else blocks:
+        sizes = {r[block].get("n") for r in runs if isinstance(r.get(block), dict)} - {None}
+        parts.append("–" if not sizes else str(min(sizes)) if len(sizes) == 1 else f"{min(sizes)}-{max(sizes)}")
+    return "/".join(parts)
+
+
 def summarize(root="runs") -> str:
     """Tables per folder and method: zero-shot (template and description scoring), few-shot
     accuracy (datasets x shots with the zero-shot column at K=0, mean +- std over seeds and the
@@ -401,7 +418,7 @@ def summarize(root="runs") -> str:
     lines = [f"Read {sum(counts.values())} runs under {root}: "
              + ", ".join(f"{f or '.'} ({n})" for f, n in counts.items()), ""]
     lines += [line for note in notes for line in (note, "")]
-    rows = [["folder", "method", "protocol", "dataset", "shots", "metric", "mean", "std", "seeds"]]
+    rows = [["folder", "method", "protocol", "dataset", "shots", "metric", "mean", "std", "seeds", "n"]]
     for folder in folders:
         zero = {k[2]: v for k, v in runs.items() if k[0] == folder and k[3:] == (0, "zeroshot")}
         lines += _zero_shot_table(folder, zero, rows)
@@ -419,18 +436,21 @@ def summarize(root="runs") -> str:
                 lines += _robustness_table(folder, method, few, rows)
             b2n = {k: v for k, v in runs.items() if k[:2] == (folder, method) and k[4] == "base2novel"}
             if b2n:
-                lines += [f"## {label}: base-to-novel accuracy (%), mean over seeds", "",
-                          "| dataset | shots | base | novel | HM (harmonic) | arithmetic mean |",
-                          "|---|---|---|---|---|---|"]
+                lines += [f"## {label}: base-to-novel accuracy (%), mean over seeds (n: test images)", "",
+                          "| dataset | shots | n base/novel | base | novel | HM (harmonic) | arithmetic mean |",
+                          "|---|---|---|---|---|---|---|"]
                 table = {}
                 for (_, _, d, k, _), seeds in sorted(b2n.items()):
                     base = np.mean([r["base"]["accuracy"] for r in seeds.values()])
                     novel = np.mean([r["novel"]["accuracy"] for r in seeds.values()])
                     table[d] = (base, novel)
-                    lines.append(f"| {d} | {k} | {base:.2f} | {novel:.2f} | {harmonic_mean(base, novel):.2f} | "
+                    n = _test_size(seeds.values(), ("base", "novel"))
+                    lines.append(f"| {d} | {k} | {n} | {base:.2f} | {novel:.2f} | {harmonic_mean(base, novel):.2f} | "
                                  f"{(base + novel) / 2:.2f} |")
-                    rows += [[folder, method, "base2novel", d, k, "base", f"{base:.4f}", "", len(seeds)],
-                             [folder, method, "base2novel", d, k, "novel", f"{novel:.4f}", "", len(seeds)]]
+                    rows += [[folder, method, "base2novel", d, k, "base", f"{base:.4f}", "", len(seeds),
+                              _test_size(seeds.values(), "base")],
+                             [folder, method, "base2novel", d, k, "novel", f"{novel:.4f}", "", len(seeds),
+                              _test_size(seeds.values(), "novel")]]
                 for name, keep in (("average", lambda d: d not in data.NATURAL),
                                    ("average without BUSI", lambda d: d not in data.NATURAL and d != "busi"),
                                    ("natural average", lambda d: d in data.NATURAL)):
@@ -438,7 +458,7 @@ def summarize(root="runs") -> str:
                     if vals:
                         base, novel = np.mean([v[0] for v in vals]), np.mean([v[1] for v in vals])
                         mean_hm = np.mean([harmonic_mean(*v) for v in vals])
-                        lines.append(f"| **{name}** ({len(vals)}) | | {base:.2f} | {novel:.2f} | "
+                        lines.append(f"| **{name}** ({len(vals)}) | | | {base:.2f} | {novel:.2f} | "
                                      f"{harmonic_mean(base, novel):.2f} (mean of per-dataset HM {mean_hm:.2f}) | "
                                      f"{(base + novel) / 2:.2f} |")
                 lines.append("")
@@ -462,11 +482,12 @@ def _zero_shot_table(folder, zero, rows):
     """Datasets x scorings, our mean over the published datasets, and the published mean."""
     if not zero:
         return []
-    lines = [f"## {_label(folder, 'zeroshot')}: zero-shot accuracy (%) of the frozen backbone", "",
-             "| dataset | " + " | ".join(SCORINGS) + " |", "|---|" + "---|" * len(SCORINGS)]
+    lines = [f"## {_label(folder, 'zeroshot')}: zero-shot accuracy (%) of the frozen backbone (n: test images)", "",
+             "| dataset | n | " + " | ".join(SCORINGS) + " |", "|---|---|" + "---|" * len(SCORINGS)]
     photo = {}
     for d, seeds in sorted(zero.items()):
-        cells = []
+        n = _test_size(seeds.values(), ZERO_SHOT_COLUMN)
+        cells = [n]
         for scoring in SCORINGS:
             values = [r[scoring]["accuracy"] for r in seeds.values() if scoring in r]
             if not values:
@@ -475,7 +496,7 @@ def _zero_shot_table(folder, zero, rows):
             m, s = _mean_std(values)
             cells.append(f"{m:.2f}")
             rows.append([folder, "zeroshot", "zeroshot", d, 0, f"{scoring}_accuracy", f"{m:.4f}", f"{s:.4f}",
-                         len(values)])
+                         len(values), n])
             if scoring == "photo_template":
                 photo[d] = m
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
@@ -493,8 +514,8 @@ def _zero_shot_base2novel_table(folder, zero, rows):
     """Base, novel and HM per scoring, the mean over the published datasets, the published mean."""
     if not zero:
         return []
-    lines = [f"## {_label(folder, 'zeroshot')}: base-to-novel zero-shot accuracy (%)", "",
-             "| dataset | scoring | base | novel | HM |", "|---|---|---|---|---|"]
+    lines = [f"## {_label(folder, 'zeroshot')}: base-to-novel zero-shot accuracy (%) (n: test images)", "",
+             "| dataset | scoring | n base/novel | base | novel | HM |", "|---|---|---|---|---|---|"]
     photo = {}
     for d, seeds in sorted(zero.items()):
         for scoring in SCORINGS:
@@ -502,9 +523,12 @@ def _zero_shot_base2novel_table(folder, zero, rows):
                 continue
             base = float(np.mean([r[f"{scoring}_base"]["accuracy"] for r in seeds.values()]))
             novel = float(np.mean([r[f"{scoring}_novel"]["accuracy"] for r in seeds.values()]))
-            lines.append(f"| {d} | {scoring} | {base:.2f} | {novel:.2f} | {harmonic_mean(base, novel):.2f} |")
-            rows += [[folder, "zeroshot", "base2novel", d, 0, f"{scoring}_base", f"{base:.4f}", "", len(seeds)],
-                     [folder, "zeroshot", "base2novel", d, 0, f"{scoring}_novel", f"{novel:.4f}", "", len(seeds)]]
+            n = _test_size(seeds.values(), (f"{scoring}_base", f"{scoring}_novel"))
+            lines.append(f"| {d} | {scoring} | {n} | {base:.2f} | {novel:.2f} | {harmonic_mean(base, novel):.2f} |")
+            rows += [[folder, "zeroshot", "base2novel", d, 0, f"{scoring}_base", f"{base:.4f}", "", len(seeds),
+                      _test_size(seeds.values(), f"{scoring}_base")],
+                     [folder, "zeroshot", "base2novel", d, 0, f"{scoring}_novel", f"{novel:.4f}", "", len(seeds),
+                      _test_size(seeds.values(), f"{scoring}_novel")]]
             if scoring == "photo_template":
                 photo[d] = (base, novel)
     published = PUBLISHED_BASE2NOVEL_MEAN
@@ -527,23 +551,27 @@ def _fewshot_table(folder, method, few, zero, rows, natural=False):
     shots = sorted({k[3] for k in few})
     datasets = sorted({k[2] for k in few})
     on = f" on {NATURAL_TITLE}" if natural else ""
-    lines = [f"## {_label(folder, method)}: few-shot accuracy (%){on}, mean ± std over seeds (K=0: zero-shot)", "",
-             "| dataset | K=0 | " + " | ".join(f"K={k}" for k in shots) + " |", "|---|---|" + "---|" * len(shots)]
+    lines = [f"## {_label(folder, method)}: few-shot accuracy (%){on}, mean ± std over seeds (their number; K=0: "
+             "zero-shot; n: test images)", "",
+             "| dataset | n | K=0 | " + " | ".join(f"K={k}" for k in shots) + " |", "|---|---|---|" + "---|" * len(shots)]
     per_shot = {k: [] for k in [0, *shots]}
     for d in datasets:
-        cells = []
+        n = _test_size([r for (_, _, d_, _, _), seeds in few.items() if d_ == d for r in seeds.values()], "test")
+        cells = [n]
         for k in [0, *shots]:
             seeds = zero.get(d, {}) if k == 0 else few.get((folder, method, d, k, "fewshot"), {})
             if not seeds:
                 cells.append("–")
                 continue
-            m, s = _mean_std([r[ZERO_SHOT_COLUMN if k == 0 else "test"]["accuracy"] for r in seeds.values()])
+            values = [r[ZERO_SHOT_COLUMN if k == 0 else "test"]["accuracy"] for r in seeds.values()]
+            m, s = _mean_std(values)
             per_shot[k].append(m)
-            cells.append(f"{m:.2f}" if k == 0 else f"{m:.2f} ± {s:.2f} ({len(seeds)})")
+            cells.append(f"{m:.2f}" if k == 0 else _mean_cell(values))
             if k:
-                rows.append([folder, method, "fewshot", d, k, "accuracy", f"{m:.4f}", f"{s:.4f}", len(seeds)])
+                rows.append([folder, method, "fewshot", d, k, "accuracy", f"{m:.4f}", f"{s:.4f}", len(seeds),
+                             _test_size(seeds.values(), "test")])
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
-    lines.append("| **average** | " + " | ".join(
+    lines.append("| **average** | | " + " | ".join(
         f"{np.mean(v):.2f} ({len(v)} dataset{'s' if len(v) > 1 else ''})" if v else "–" for v in per_shot.values()) + " |")
     return lines + [""]
 
@@ -559,7 +587,8 @@ def _robustness_table(folder, method, few, rows):
         acc = [np.mean([r["robustness"]["accuracy"][n] for r in seeds.values()]) for n in names]
         drop = np.mean([r["robustness"]["mean_drop"] for r in seeds.values()])
         lines.append(f"| {d} | {k} | " + " | ".join(f"{a:.2f}" for a in acc) + f" | {drop:.2f} |")
-        rows.append([folder, method, "robustness", d, k, "mean_drop", f"{drop:.4f}", "", len(seeds)])
+        rows.append([folder, method, "robustness", d, k, "mean_drop", f"{drop:.4f}", "", len(seeds),
+                     _test_size(seeds.values(), "test")])
     return lines + [""]
 
 

@@ -15,7 +15,7 @@
 # DATASETS is "all" (the 11 medical benchmarks), "natural" (the 7 natural-image ones, in CoOp's
 # data folder), one benchmark name or folder path (a path that is a folder is taken whole, spaces
 # and all), or a list: separated by commas or newlines when it has any ("btmri,/data/my scans"),
-# else by spaces ("btmri busi"). FLAGS after "--" go to every job (e.g. -- --variant official
+# else by spaces ("btmri busi"). A bare benchmark name is the benchmark; ./btmri is a folder. FLAGS after "--" go to every job (e.g. -- --variant official
 # --root /data) and mean the same to the sweep: --out (or --out=) is where it looks for finished
 # runs and writes the summary; --backbone, --variant, --cs-anchor, --class-text and the ablation switches pick
 # the run folders. `ablations` runs a method's ablation table, one job per row: the full method
@@ -32,8 +32,10 @@
 # replaces them, --out keeps both). GPUS="0 1 2 3" runs one job per GPU at a
 # time; --dry-run prints the jobs, one command a line (for GNU parallel or a SLURM array).
 # Environment: PYTHON (python), OUT (runs; --out after "--" wins), GPUS (empty: one job at a time
-# on the default device). Relative dataset and output paths are taken from this script's folder.
+# on the default device). A relative dataset path is taken from the folder you run this from, a
+# relative output path from this script's folder.
 set -euo pipefail
+CALLER=$PWD  # relative dataset paths are the caller's
 cd "$(dirname "$0")"
 
 PYTHON=${PYTHON:-$(command -v python >/dev/null && echo python || echo python3)}
@@ -46,12 +48,16 @@ ALL_SEEDS="1 2 3"
 
 usage() { sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 pick() { if [[ -z "${1:-}" || "$1" == "all" ]]; then echo "$2"; else echo "${1//,/ }"; fi; }
+from_caller() {  # DATASET as the jobs, run from this script's folder, must name it: a bare benchmark name
+  if is_benchmark "$1" || [[ $1 == /* || ! -d $CALLER/$1 ]]; then echo "$1"  # as it is, a folder
+  else (cd "$CALLER" && cd "$1" && pwd); fi                                  # from the caller's folder
+}
 pick_datasets() {  # DATASETS -> the array DS (see the header for the rules)
-  local arg=${1:-all} item
+  local arg=${1:-all} item i
   DS=()
   if [[ $arg == all ]]; then read -ra DS <<<"$MEDICAL_DATASETS"
   elif [[ $arg == natural ]]; then read -ra DS <<<"$NATURAL_DATASETS"
-  elif [[ -d $arg ]]; then DS=("$arg")
+  elif [[ -d $(from_caller "$arg") ]] && ! is_benchmark "$arg"; then DS=("$arg")
   elif [[ $arg == *[,$'\n']* ]]; then
     while IFS= read -r item; do
       item=${item#"${item%%[![:space:]]*}"}; item=${item%"${item##*[![:space:]]}"}  # spaces around an item
@@ -59,6 +65,7 @@ pick_datasets() {  # DATASETS -> the array DS (see the header for the rules)
     done <<<"${arg//,/$'\n'}"
   else read -ra DS <<<"$arg"; fi
   ((${#DS[@]})) || { echo "error: no dataset in '$arg'" >&2; exit 2; }
+  for i in "${!DS[@]}"; do DS[i]=$(from_caller "${DS[i]}"); done
 }
 
 # ---- split the command line: positional lists, --dry-run, and FLAGS after "--"
@@ -157,8 +164,10 @@ FINISHED_ARGS=()  # and that job's arguments, as their count then the words (run
 
 is_benchmark() { local b; for b in $MEDICAL_DATASETS $NATURAL_DATASETS synthetic; do [[ ${1,,} == "$b" ]] && return 0; done; return 1; }
 dataset_key() {  # the dataset's folder name in runs/, as data.dataset_key: a benchmark in lower case,
-  if is_benchmark "$1" || [[ ! -d $1 ]]; then echo "${1,,}"  # your own folder by its own name
-  else basename "$(cd "$1" && pwd -P)"; fi
+  local name  # your own folder by its own name, and with _folder after a benchmark's name
+  if is_benchmark "$1" || [[ ! -d $1 ]]; then echo "${1,,}"; return; fi
+  name=$(basename "$(cd "$1" && pwd -P)")
+  if is_benchmark "$name"; then echo "${name}_folder"; else echo "$name"; fi
 }
 use_dataset() {  # DATASET: remember it for the setup check, once
   local u

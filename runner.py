@@ -514,6 +514,7 @@ def start_run(args, folder_of):
     device, RunFolder, checkpoint or None): close the RunFolder when the run ends."""
     args = dataclasses.replace(args, dataset=data.dataset_arg(args.dataset),
                                class_text=str(Path(args.class_text).resolve()) if args.class_text else "")
+    data.check_out_folder(args.dataset, args.out)
     folder = folder_of(args)
     validate_args(args)
     if getattr(args, "predictions", ""):
@@ -592,11 +593,11 @@ def describe_trainable(model, group=()) -> str:
 
 
 def summary_line(metrics: dict) -> str:
-    """The final line of a run: accuracy, macro-F1 and ECE of each evaluation block, the HM, and
-    the method's extras (BiomedAP's robustness drop, BioMedVR's gate)."""
+    """The final line of a run: accuracy, macro-F1, ECE and the test images (n) of each evaluation
+    block, the HM, and the method's extras (BiomedAP's robustness drop, BioMedVR's gate)."""
     keys = [k for k in ("test", "base", "novel") if k in metrics]
     text = " ".join(f"{k} acc {metrics[k]['accuracy']:.2f} f1 {metrics[k]['macro_f1']:.2f} "
-                    f"ece {metrics[k]['ece']:.2f}" for k in keys)
+                    f"ece {metrics[k]['ece']:.2f} n {metrics[k]['n']}" for k in keys)
     if "harmonic_mean" in metrics:
         text += f" HM {metrics['harmonic_mean']:.2f}"
     if "robustness" in metrics:
@@ -775,30 +776,56 @@ def row_normalised(cm):
     return cm / np.maximum(cm.sum(1, keepdims=True), 1)
 
 
+CONFUSION_COUNTS_UP_TO = 30  # classes: up to this many, each cell of confusion.png shows its count
+CONFUSION_MATRIX_UP_TO = 50  # classes: above this many, a panel shows each class's accuracy as a bar instead
+CONFUSION_PANEL_INCHES = 9   # the largest side of a panel (at 100 dpi); at most 3 panels a row
+
+
 def plot_confusion(metrics: dict, path: Path, classnames=None):
-    """confusion.png: a panel per block (test, base, novel, ...), coloured by row share."""
+    """confusion.png: a panel per block (test, base, novel, ...), three at most in a row. Its size
+    and the time to draw it stay bounded whatever the class count: the confusion matrix coloured
+    by row share with each cell's count up to CONFUSION_COUNTS_UP_TO classes, without the counts
+    up to CONFUSION_MATRIX_UP_TO, and above that each class's accuracy (its recall) as a bar; a
+    panel is at most CONFUSION_PANEL_INCHES a side."""
     blocks = {k: v for k, v in metrics.items() if isinstance(v, dict) and "confusion_matrix" in v}
     if not blocks:
         return
-    sizes = [len(v["confusion_matrix"]) for v in blocks.values()]
-    side = 1.6 + 0.45 * max(sizes)
-    fig = new_figure(side * len(blocks), side + 0.6)
-    for ax, (block, m) in zip(fig.subplots(1, len(blocks), squeeze=False)[0], blocks.items()):
+    side = min(1.6 + 0.45 * max(len(v["confusion_matrix"]) for v in blocks.values()), CONFUSION_PANEL_INCHES)
+    columns = min(len(blocks), 3)
+    rows = math.ceil(len(blocks) / columns)
+    fig = new_figure(side * columns, (side + 0.6) * rows)
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax, (block, m) in zip(axes, blocks.items()):
         cm = np.asarray(m["confusion_matrix"])
         C = len(cm)
         names = classnames.get(block) if isinstance(classnames, dict) else classnames
         names = list(names) if names is not None and len(names) == C else [str(i) for i in range(C)]
         share = row_normalised(cm)
+        if C > CONFUSION_MATRIX_UP_TO:
+            ax.bar(range(C), 100 * np.diag(share), width=1.0, color="C0")
+            ax.set_xlim(-0.5, C - 0.5)
+            ax.set_ylim(0, 100)
+            ax.set_xlabel(f"class label 0..{C - 1} (the names are in metrics.json)", fontsize=8)
+            ax.set_ylabel("accuracy of the class (%)", fontsize=8)
+            ax.set_title(f"{block}: accuracy {m['accuracy']:.1f}%\n(each class's accuracy: {C} classes are too many "
+                         "for a matrix)", fontsize=8)
+            continue
         ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-        for i in range(C):
+        counts = C <= CONFUSION_COUNTS_UP_TO
+        for i in range(C if counts else 0):
             for j in range(C):
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if share[i, j] > 0.6 else "black")
-        ax.set_xticks(range(C), names, rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(C), names, fontsize=7)
+        fontsize = 7 if counts else 5
+        ax.set_xticks(range(C), names, rotation=45 if counts else 90, ha="right" if counts else "center",
+                      fontsize=fontsize)
+        ax.set_yticks(range(C), names, fontsize=fontsize)
         ax.set_xlabel("predicted", fontsize=8)
         ax.set_ylabel("true", fontsize=8)
-        ax.set_title(f"{block}: accuracy {m['accuracy']:.1f}%\n(colour: row share, text: count)", fontsize=8)
+        ax.set_title(f"{block}: accuracy {m['accuracy']:.1f}%\n(colour: row share{', text: count' if counts else ''})",
+                     fontsize=8)
+    for ax in axes[len(blocks):]:
+        ax.set_axis_off()
     atomic_write_png(fig, path)
 
 
@@ -852,7 +879,8 @@ def setup(method, args, device, training: bool = True) -> Setup:
     BiomedAP's prototypes); for evaluation without it."""
     backbone = common.load_backbone(args.backbone, device)
     train_tf, test_tf = method.transforms_for(args, backbone)
-    full = data.load_splits(args.dataset, args.root, args.download, image_size=method.input_size(args, backbone))
+    full = data.load_splits(args.dataset, args.root, args.download, image_size=method.input_size(args, backbone),
+                            show=True)
     train = data.subsample_classes(data.few_shot_splits(full, args.shots, args.seed), args.subsample)
     evals = {"test": train} if args.subsample == "all" else {"base": train,
                                                              "novel": data.subsample_classes(full, "novel")}
@@ -923,7 +951,7 @@ def train(method, args):
             with ctrl_c_held():  # metrics.json, the pictures and the finished checkpoint, all or none
                 extra = {"config": cfg, "trainable_parameters": sum(p.numel() for p in model.parameters()
                                                                     if p.requires_grad),
-                         "shots_per_class": data.shots_per_class(s.train)}
+                         **data.data_record(s.train)}
                 if history:
                     extra["eval_history"] = history
                 write_metrics(run.path, args, metrics, timings, extra, classnames_of(s.evals))
@@ -967,7 +995,7 @@ def eval_only(method, cli):
     start = time.perf_counter()
     metrics = evaluate_setup(method, s, args, device)
     write_eval_only(cli.eval_only, args, metrics, time.perf_counter() - start, given,
-                    {"config": s.cfg, "shots_per_class": data.shots_per_class(s.train)}, classnames_of(s.evals))
+                    {"config": s.cfg, **data.data_record(s.train)}, classnames_of(s.evals))
     print(summary_line(metrics), f"-> {cli.eval_only}/metrics.json")
     return metrics
 

@@ -94,6 +94,7 @@ def folder_of(args) -> Path:
 
 def main(args: Args) -> dict:
     runner.validate_args(args)
+    data.check_out_folder(args.dataset, args.out)
     folder = folder_of(args)
     if (folder / "metrics.json").exists() and not args.overwrite:
         raise UserError(f"{folder} already holds a zero-shot result; pass --overwrite to redo it "
@@ -102,7 +103,7 @@ def main(args: Args) -> dict:
     device = resolve_device(args.device)
     start = time.perf_counter()
     backbone = common.load_backbone(args.backbone, device)
-    splits = data.load_splits(args.dataset, args.root, args.download, image_size=backbone.image_size)
+    splits = data.load_splits(args.dataset, args.root, args.download, image_size=backbone.image_size, show=True)
     text = runner.class_text(args, backbone, splits.classnames, "zeroshot")
     if args.subsample == "all":
         blocks = {"": splits}
@@ -125,6 +126,7 @@ def main(args: Args) -> dict:
                                                   metrics[f"{name}_novel"]["accuracy"])
     timings = {"total_s": time.perf_counter() - start}
     runner.write_metrics(folder, args, metrics, timings, {"classnames": splits.classnames,
+                                                           "data": data.data_account(splits),
                                                            "photo_template": PHOTO_TEMPLATE,
                                                            "clinical_template": text["template"]}, classnames)
     if args.subsample == "base":
@@ -132,7 +134,9 @@ def main(args: Args) -> dict:
                  f"HM {metrics[n + '_hm']:.2f}" for n in scorings]
     else:
         parts = [f"{n} {metrics[n]['accuracy']:.2f}" for n in scorings]
-    print(f"zero-shot {splits.name} ({args.backbone}): " + "; ".join(parts) + f" -> {folder / 'metrics.json'}")
+    sizes = "/".join(str(len(split.test)) for split in blocks.values())  # base/novel: each part's
+    print(f"zero-shot {splits.name} ({args.backbone}, {sizes} test images): " + "; ".join(parts)
+          + f" -> {folder / 'metrics.json'}")
     return metrics
 
 

@@ -443,7 +443,7 @@ def test_which_scores_reach_the_logits_in_each_ablation():
 def test_each_ablation_trains_exactly_its_parameters(backbones, kw, trained):
     bb = backbones("tiny-clip")
     args = runner.cli_args(bv)(**{**FAST, **kw})
-    text = data.load_class_text("synthetic", list(data.SYNTHETIC_LOOKS))
+    text = classtext.load_class_text("synthetic", list(data.SYNTHETIC_LOOKS))
     model = bv.build(bb, list(data.SYNTHETIC_LOOKS), text, bv.configure(args, bb, text), args)
     params = dict(model.named_parameters())
     assert set(params) == trained and all(p.requires_grad for p in params.values())

@@ -28,7 +28,8 @@ def test_zeroshot_base_to_novel_gives_base_novel_and_their_harmonic_mean(backbon
     # the summary reads it as a zero-shot base-to-novel row, apart from the full-split protocol
     text = report.summarize(tmp_path)
     assert "zeroshot: base-to-novel zero-shot accuracy" in text
-    assert f"| synthetic | photo_template | {record['metrics']['photo_template_base']['accuracy']:.2f} |" in text
+    assert (f"| synthetic | photo_template | 80/80 | {record['metrics']['photo_template_base']['accuracy']:.2f} |"
+            in text)  # n: the base and the novel test images
 
 
 def test_zeroshot_confusion_panels_are_titled_by_their_scoring(backbones, tmp_path, monkeypatch):

@@ -139,3 +139,75 @@ def test_probe_finds_a_listening_hub_or_proxy_and_not_a_closed_port(monkeypatch)
     start = time.monotonic()
     assert not runner.hub_reachable(timeout=2)
     assert time.monotonic() - start < 3
+
+
+@pytest.fixture
+def loopback_hub(empty_cache, monkeypatch):
+    """serve(files): a Hugging Face hub on 127.0.0.1 answering for any repository with `files`
+    ({name: bytes}) and 404 "EntryNotFound" for every other file, as the real hub answers."""
+    import hashlib
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+
+    served = {}
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def answer(self, body):
+            content = served.get(self.path.rsplit("/", 1)[-1])
+            self.send_response(200 if content is not None else 404)
+            if content is None:
+                self.send_header("X-Error-Code", "EntryNotFound")
+                content = b""
+            else:
+                self.send_header("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")
+                self.send_header("ETag", f'"{hashlib.sha1(content).hexdigest()}"')
+            self.send_header("Content-Length", str(len(content) if content else 0))
+            self.end_headers()
+            if body:
+                self.wfile.write(content)
+
+        def do_HEAD(self):
+            self.answer(False)
+
+        def do_GET(self):
+            self.answer(True)
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_port}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    for variable in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    yield served.update
+    server.shutdown()
+    server.server_close()
+
+
+def test_weights_the_answering_hub_does_not_give_are_an_error_not_random_weights(loopback_hub, backbones):
+    """The hub answers (so the CLIs stay online) and serves the config, but not the weights:
+    open_clip would warn and go on with random weights; we stop with one line."""
+    import json
+
+    from safetensors.torch import save
+
+    tiny = backbones("tiny-clip")
+    config = {"model_cfg": {"embed_dim": 32,
+                            "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "patch_size": 8, "head_width": 32},
+                            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 48, "heads": 2, "layers": 2}}}
+    loopback_hub({"open_clip_config.json": json.dumps(config).encode()})
+    assert runner.hub_reachable(timeout=2)
+    with pytest.raises(UserError) as error:
+        load_as_the_clis_do("hf-hub:org/no-weights")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("could not load the weights of backbone 'hf-hub:org/no-weights'")
+    assert "open_clip_pytorch_model.bin" in message and "404" in message and "local-dir:FOLDER" in message
+    # the same hub with the weights: it loads them
+    loopback_hub({"open_clip_model.safetensors": save({k: v.contiguous() for k, v in tiny.model.state_dict().items()})})
+    bb = load_as_the_clis_do("hf-hub:org/with-weights")
+    ids = tiny.tokenize(["a photo of a lung"])
+    torch.testing.assert_close(bb.encode_text(ids), tiny.encode_text(ids))

@@ -233,7 +233,7 @@ def test_predictions_into_a_folder_and_wrong_shaped_summaries(tmp_path, capsys):
     for i, content in enumerate(([1, 2], {"args": {}, "metrics": {}}, {"metrics": {"test": {"accuracy": 50.0}}})):
         runner.atomic_write_json(tmp_path / "m" / "busi" / "4shot" / f"seed{i + 1}" / "metrics.json", content)
     text = report.summarize(tmp_path)
-    assert "50.00 ± 0.00 (1)" in text and capsys.readouterr().err.count("not a readable metrics.json") == 2
+    assert "50.00 (1 seed)" in text and capsys.readouterr().err.count("not a readable metrics.json") == 2
 
 
 def test_local_dir_with_a_config_of_the_wrong_shape_is_one_line(tmp_path):

@@ -68,6 +68,24 @@ def test_an_augmentation_is_a_function_of_seed_epoch_and_index():
     assert torch.equal(torch.cat([x for x, _ in first])[position], dataset[(4, seed)][0])
 
 
+def test_each_image_gets_a_new_augmentation_every_epoch():
+    """The draw follows the epoch: with the order of each epoch undone, every image of epoch 2 is
+    cropped and flipped otherwise than in epoch 1 (a draw that ignored the epoch would repeat them,
+    while the shuffled order alone would still make the epochs' batches differ)."""
+    items = data.load_splits("synthetic", image_size=48).train[:8]
+    loader = data.make_loader(data.ImageDataset(items, data.build_transform(32, train=True, hflip=True)), 4, True, 1)
+
+    def by_index(epoch):
+        loader.sampler.set_epoch(epoch)
+        order = [index for index, _ in loader.sampler]
+        images = torch.cat([x for x, _ in loader])  # (8, 3, 32, 32) in the epoch's order
+        return {index: images[position] for position, index in enumerate(order)}
+    first, second = by_index(1), by_index(2)
+    assert sorted(first) == sorted(second) == list(range(8))
+    assert all(not torch.equal(first[i], second[i]) for i in range(8))
+    assert all(torch.equal(first[i], image) for i, image in by_index(1).items())  # and epoch 1 again is epoch 1
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_resume_with_another_worker_count_ends_as_an_uninterrupted_run(name, tmp_path, capsys):
     """--workers is a field with resume_may_differ: a run stopped with 0 workers and resumed with 2

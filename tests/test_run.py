@@ -1,5 +1,6 @@
 """run.sh and the README: the smoke jobs end to end, the sweeps' job lists, and every
 command the README shows being one the CLIs accept."""
+import json
 import os
 import re
 import shlex
@@ -84,20 +85,28 @@ def test_sweep_skips_finished_runs_and_resumes_unfinished(tmp_path):
     assert args.eval_only == str(done) and args.robustness
 
 
-def test_smoke_jobs_end_to_end(tmp_path, monkeypatch):
-    """The jobs of `bash run.sh smoke`, run in this process (saving the imports), then the summary."""
+def test_smoke_jobs_end_to_end(tmp_path, monkeypatch, capsys):
+    """The jobs of `bash run.sh smoke`, run in this process (saving the imports), then the summary.
+    Each says what it read before anything else, and the shipped synthetic text warns of nothing."""
     lines = run_sh("smoke", "--dry-run", env={"OUT_SMOKE": str(tmp_path)})
     assert len(lines) == 6  # per backbone: both methods and the zero-shot baseline
     for line in lines:
         module, args = parse_job(line)
         assert args.dataset == "synthetic" and args.backbone in ("tiny", "tiny-clip")
         args.workers = 0
+        capsys.readouterr()
         zeroshot.main(args) if module is zeroshot else runner.run(module, args)
+        out, err = capsys.readouterr()
+        assert "warning" not in err, (line, err)
+        assert out.startswith("data: synthetic: 4 classes of generated shapes") and "data: test 160 images" in out
+    for record in tmp_path.rglob("metrics.json"):
+        data = json.loads(record.read_text())["data"]
+        assert data["images"]["test"] == dict.fromkeys(data["classes"], 40) and data["left_out"] == []
     text = report.summarize(tmp_path)
     for backbone in ("tiny", "tiny-clip"):
         for method in ("biomedap", "biomedvr"):  # the K=0 column is the zero-shot run's
-            match = re.search(rf"## {backbone}/{method}: few-shot.*?\| synthetic \| ([\d.]+) \| ([\d.]+) ± [\d.]+ "
-                              rf"\(1\) \|", text, re.S)
+            match = re.search(rf"## {backbone}/{method}: few-shot.*?\| synthetic \| 160 \| ([\d.]+) \| ([\d.]+) "
+                              rf"\(1 seed\) \|", text, re.S)  # n: the 160 test images
             assert match, text
             assert 0.0 <= float(match.group(1)) <= 100.0 and 0.0 <= float(match.group(2)) <= 100.0
     assert (tmp_path / "summary.csv").is_file() and (tmp_path / "fewshot.png").is_file()

@@ -45,11 +45,11 @@ def test_runs_at_any_depth_in_two_folders_are_not_merged(tmp_path, capsys):
     text = report.summarize(tmp_path)
     assert text.splitlines()[0] == f"Read 5 runs under {tmp_path}: a/b/c (2), smoke/tiny (2), smoke/tiny-clip (1)"
     assert "## smoke/tiny/m: few-shot" in text and "## smoke/tiny-clip/m: few-shot" in text
-    assert "| synthetic | 25.00 | 30.00 ± 0.00 (1) |" in text       # K=0 from the same folder's zero-shot run
-    assert "| synthetic | – | 60.00 ± 0.00 (1) |" in text           # no zero-shot run in tiny-clip
+    assert "| synthetic | – | 25.00 | 30.00 (1 seed) |" in text     # K=0 from the same folder's zero-shot run
+    assert "| synthetic | – | – | 60.00 (1 seed) |" in text         # no zero-shot run in tiny-clip
     assert "45.00" not in text                                     # the two folders' runs never averaged
-    assert "## a/b/c/m: few-shot" in text and "| btmri | – | 15.00 ± 7.07 (2) |" in text
-    assert "## smoke/tiny/zeroshot: zero-shot" in text and "| synthetic | 25.00 | 25.00 | 40.00 |" in text
+    assert "## a/b/c/m: few-shot" in text and "| btmri | – | – | 15.00 ± 7.07 (2) |" in text
+    assert "## smoke/tiny/zeroshot: zero-shot" in text and "| synthetic | – | 25.00 | 25.00 | 40.00 |" in text
     assert "skipping" in capsys.readouterr().err
     table = (tmp_path / "summary.csv").read_text()
     assert "smoke/tiny,zeroshot,zeroshot,synthetic,0,descriptions_accuracy,40.0000" in table
@@ -93,7 +93,7 @@ def test_base2novel_series_and_picture(tmp_path):
     assert bars == {"x/m": [("btmri K=16", 75.0, 55.0, hm(75.0, 55.0)), ("busi K=16", 50.0, 100.0, hm(50.0, 100.0)),
                             ("average", 62.5, 77.5, hm(62.5, 77.5))]}
     text = report.summarize(tmp_path)
-    assert f"| btmri | 16 | 75.00 | 55.00 | {hm(75.0, 55.0):.2f} |" in text    # the table shows the same numbers
+    assert f"| btmri | 16 | –/– | 75.00 | 55.00 | {hm(75.0, 55.0):.2f} |" in text    # the table shows the same numbers
     png(tmp_path / "base2novel.png")
     assert not (tmp_path / "fewshot.png").exists()
 
