@@ -314,13 +314,14 @@ def test_report_gives_the_natural_benchmarks_their_own_table_and_averages(tmp_pa
         fake(d, 1, None, suffix="_base2novel", metrics={"base": {"accuracy": base}, "novel": {"accuracy": novel}})
     text = report.summarize(tmp_path)
     medical, natural = text.split("## clip/biomedvr-fused: few-shot accuracy (%) on the natural-image benchmarks "
-                                  "(BioMedVR's Table 3), mean ± std over seeds (K=0: zero-shot)")
+                                  "(BioMedVR's Table 3), mean ± std over seeds (their number; K=0: "
+                                  "zero-shot; n: test images)")
     assert "## clip/biomedvr-fused: few-shot accuracy (%), mean ± std" in medical
-    assert "| **average** | – | 75.00 (2 datasets) |" in medical and "dtd" not in medical
+    assert "| **average** | | – | 75.00 (2 datasets) |" in medical and "dtd" not in medical
     natural_table = natural.split("\n## ")[0]
-    assert "| dtd | – | 61.00 ± 1.41 (2) |" in natural_table and "| eurosat | – | 90.00 ± 0.00 (1) |" in natural_table
-    assert "| **average** | – | 75.50 (2 datasets) |" in natural_table and "btmri" not in natural_table
-    assert "| **average** (1) | | 80.00 | 60.00 |" in text and "| **natural average** (2) | | 60.00 | 50.00 |" in text
+    assert "| dtd | – | – | 61.00 ± 1.41 (2) |" in natural_table and "| eurosat | – | – | 90.00 (1 seed) |" in natural_table
+    assert "| **average** | | – | 75.50 (2 datasets) |" in natural_table and "btmri" not in natural_table
+    assert "| **average** (1) | | | 80.00 | 60.00 |" in text and "| **natural average** (2) | | | 60.00 | 50.00 |" in text
     series = report.fewshot_series(report._collect(tmp_path))
     assert series["average"]["clip/biomedvr-fused"] == [(16, 75.0, 75.0, 75.0)]
     assert series["natural average"]["clip/biomedvr-fused"][0][:2] == (16, 75.5)
