@@ -12,7 +12,6 @@ from PIL import Image
 import biomedap
 import classtext
 import common
-import data
 import runner
 from biomedap import (BiomedAP, GatedFusion, alignment_loss, anchor_kl, anchor_l1, confidence_weight,
                       default_fusion_layers, high_anchor, train_step)

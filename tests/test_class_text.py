@@ -33,12 +33,13 @@ def text_of(classes, template="a photo of a {}.", **fields):
             "classes": {c: {f: list(fields.get(f, [])) for f in classtext.TEXT_FIELDS} for c in classes}}
 
 
-def own_folder(folder, classes=("bright_spot", "dark_spot"), images=5):
-    """A folder of small generated PNGs, one sub-folder per class, each class its own grey level."""
+def own_folder(folder, classes=("bright_spot", "dark_spot"), images=5, grey=(60, 120, 20)):
+    """A folder of small generated PNGs, one sub-folder per class, each class its own grey level
+    (grey: first level, step between classes, noise)."""
     for label, name in enumerate(classes):
         for i in range(images):
             rng = np.random.default_rng([label, i])
-            pixels = np.clip(rng.normal(60 + 120 * label, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+            pixels = np.clip(rng.normal(grey[0] + grey[1] * label, grey[2], (16, 16, 3)), 0, 255).astype(np.uint8)
             (folder / name).mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(folder / name / f"{i}.png")
     return folder

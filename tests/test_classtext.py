@@ -18,9 +18,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import biomedap
 import biomedvr
@@ -28,6 +26,7 @@ import classtext
 import common
 import data
 import runner
+import test_class_text
 import zeroshot
 from common import UserError
 
@@ -139,13 +138,7 @@ def key(monkeypatch):
 
 def own_folder(folder, classes=("glioma_tumor", "meningioma_tumor", "pituitary_tumor", "normal_brain"), images=4):
     """Small generated PNGs, one sub-folder per class, each class its own grey level."""
-    for label, name in enumerate(classes):
-        for i in range(images):
-            rng = np.random.default_rng([label, i])
-            pixels = np.clip(rng.normal(40 + 50 * label, 15, (16, 16, 3)), 0, 255).astype(np.uint8)
-            (folder / name).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(folder / name / f"{i}.png")
-    return folder
+    return test_class_text.own_folder(folder, classes, images, grey=(40, 50, 15))
 
 
 def write(server, folder, *flags, capsys=None):

@@ -5,13 +5,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
