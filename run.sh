@@ -11,7 +11,8 @@
 #   bash run.sh summarize  [RUNS_DIR]
 #
 # METHOD is biomedap or biomedvr. SHOTS and SEEDS are quoted lists ("1 2 4" or 1,2,4) or "all"
-# for the defaults: shots 1 2 4 8 16 (16 for base2novel, robustness and ablations), seeds 1 2 3.
+# for the defaults: shots 1 2 4 8 16 (16 for base2novel, robustness and ablations), seeds 1 2 3
+# (1 for ablations: one job per row and dataset; 1,2,3 for three).
 # DATASETS is "all" (the 11 medical benchmarks), "natural" (the 7 natural-image ones, in CoOp's
 # data folder), one benchmark name or folder path (a path that is a folder is taken whole, spaces
 # and all), or a list: separated by commas or newlines when it has any ("btmri,/data/my scans"),
@@ -46,7 +47,7 @@ NATURAL_DATASETS="caltech101 food101 dtd eurosat oxford_pets oxford_flowers ucf1
 ALL_SHOTS="1 2 4 8 16"
 ALL_SEEDS="1 2 3"
 
-usage() { sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 pick() { if [[ -z "${1:-}" || "$1" == "all" ]]; then echo "$2"; else echo "${1//,/ }"; fi; }
 from_caller() {  # DATASET as the jobs, run from this script's folder, must name it: a bare benchmark name
   if is_benchmark "$1" || [[ $1 == /* || ! -d $CALLER/$1 ]]; then echo "$1"  # as it is, a folder
@@ -309,7 +310,7 @@ case "$CMD" in
     while IFS= read -r row; do
       read -ra ROW <<<"$row"
       EXTRA=("${USER_EXTRA[@]+"${USER_EXTRA[@]}"}" "${ROW[@]+"${ROW[@]}"}")  # the row's switches win
-      sweep "${POS[1]}" fewshot "$(pick "${POS[3]:-}" 16)" "$(pick "${POS[4]:-}" "$ALL_SEEDS")"
+      sweep "${POS[1]}" fewshot "$(pick "${POS[3]:-}" 16)" "$(pick "${POS[4]:-}" 1)"
     done < <(ablation_rows "${POS[1]}")
     EXTRA=("${USER_EXTRA[@]+"${USER_EXTRA[@]}"}")  # the setup check: the flags given
     run_jobs ;;
