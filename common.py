@@ -197,9 +197,7 @@ def load_backbone(name: str = "biomedclip", device="cpu") -> Backbone:
     else:
         raise UserError(f"unknown backbone '{name}': use biomedclip, clip, {', '.join(RANDOM_BACKBONES)}, "
                         "hf-hub:ORG/REPO, local-dir:PATH or an open_clip MODEL:PRETRAINED name")
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    kind = _tower_kind(model)
-    return Backbone(model.to(device), tokenizer, name, kind, size, mean, std)
+    return Backbone.from_open_clip(model.to(device), tokenizer, name, size, mean, std)
 
 
 def _load_open_clip(name, full):
